@@ -1,0 +1,1 @@
+"""Agent daemon: discovery, device profile, stage runtime, tensor streams."""

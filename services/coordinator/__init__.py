@@ -1,0 +1,1 @@
+"""Coordinator: fleet registry, deployment, client-facing API."""

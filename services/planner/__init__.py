@@ -1,0 +1,1 @@
+"""Planner service: cost model, partitioner, plan set (pure), and its gRPC servicer."""

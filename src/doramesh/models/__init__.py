@@ -1,0 +1,1 @@
+"""Model zoo: plain-torch models with seeded weights, split at block boundaries."""

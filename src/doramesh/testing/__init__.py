@@ -1,0 +1,1 @@
+"""Start local fleets for the demo, the tests and SDK users."""
