@@ -1,0 +1,101 @@
+"""The agent daemon: profile the device, serve gRPC (Agent + health), announce by mDNS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from doramesh.agent.config import AgentSettings
+from doramesh.agent.pacing import ComputePacer
+from doramesh.agent.profiler import build_profile
+from doramesh.agent.runtime import StageRuntime, WeightCache
+from doramesh.agent.servicer import AgentServicer
+from doramesh.channels import bind, create_server
+from doramesh.discovery import Announcer
+from doramesh.types import DeviceProfile
+from doramesh.v1 import agent_pb2_grpc
+
+_log = structlog.get_logger("agent")
+
+AGENT_SERVICE = "doramesh.v1.Agent"
+
+
+class AgentServer:
+    """One agent: start() binds, profiles and announces; stop() drains and withdraws."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.address = ""
+        self.profile: DeviceProfile | None = None
+        self.runtime: StageRuntime | None = None
+        self._server = create_server("agent")
+        self._health = health.aio.HealthServicer()
+        self._announcer: Announcer | None = None
+
+    async def start(self) -> str:
+        s = self.settings
+        if s.threads > 0:
+            torch.set_num_threads(s.threads)
+        bound = bind(self._server, s.listen)
+        host, _, port = bound.rpartition(":")
+        if s.advertise_host:
+            host = s.advertise_host
+        elif host in {"0.0.0.0", "[::]", ""}:
+            host = "127.0.0.1"
+        self.address = f"{host}:{port}"
+        profile = await asyncio.to_thread(
+            build_profile,
+            s.node_id,
+            self.address,
+            emulate=s.emulate,
+            memory_limit_bytes=(s.memory_limit_mb << 20) if s.memory_limit_mb else None,
+            fleet_id=s.fleet_id,
+            measure_s=s.measure_s,
+        )
+        self.profile = profile
+        self.runtime = StageRuntime(
+            memory_bytes=profile.memory_bytes,
+            cache=WeightCache(s.cache_dir),
+            pacer=ComputePacer(profile.gflops if s.emulate else None),
+            device=s.device,
+        )
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentServicer(profile, self.runtime), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        await self._server.start()
+        for name in ("", AGENT_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.announce:
+            self._announcer = Announcer(
+                node_id=s.node_id,
+                host=host,
+                port=int(port),
+                fleet_id=s.fleet_id,
+                interfaces=list(s.mdns_interfaces) if s.mdns_interfaces else None,
+            )
+            await self._announcer.start()
+        _log.info(
+            "agent serving",
+            node_id=s.node_id,
+            address=self.address,
+            device_class=profile.device_class,
+            gflops=round(profile.gflops, 1),
+            memory_mib=profile.memory_bytes >> 20,
+        )
+        return self.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Graceful drain: NOT_SERVING first, then in-flight RPCs get ``grace`` seconds."""
+        await self._health.enter_graceful_shutdown()
+        if self._announcer is not None:
+            await self._announcer.stop()
+        await self._server.stop(grace)
+        if self.runtime is not None:
+            await self.runtime.close()
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

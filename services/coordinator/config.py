@@ -1,0 +1,29 @@
+"""The coordinator's settings: built once in the CLI from flags and env, then passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorSettings:
+    listen: str = "0.0.0.0:7070"
+    #: Host agents should dial to fetch weights. Empty: derived from ``listen``.
+    advertise_host: str = ""
+    planner: str = "127.0.0.1:7071"
+    #: Agents to admit without mDNS (Wi-Fi that blocks multicast, containers): host:port each.
+    static_agents: tuple[str, ...] = ()
+    browse: bool = True
+    mdns_interfaces: tuple[str, ...] | None = None
+    fleet_id: str = ""
+    #: Health-check period; an agent is dead after ``dead_after_s`` without an answer.
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 2.0
+    max_agents: int = 256
+    #: The LAN as the planner sees it until links are probed: one shared medium.
+    network_mbps: float = 1000.0
+    network_latency_ms: float = 0.5
+    #: Stage weights kept in memory for agents to fetch (LRU by bytes).
+    weight_cache_mb: int = 4096
+    #: Default deadline for one inference request when the client gives none.
+    infer_timeout_s: float = 120.0

@@ -1,0 +1,206 @@
+"""The coordinator daemon: admits agents (mDNS or a static list), watches their liveness,
+deploys plans and serves the client API and stage weights."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc.aio
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from doramesh import convert
+from doramesh.channels import bind, create_channel, create_server
+from doramesh.coordinator.config import CoordinatorSettings
+from doramesh.coordinator.deploy import Deployer
+from doramesh.coordinator.registry import FleetRegistry
+from doramesh.coordinator.servicer import CoordinatorServicer
+from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
+from doramesh.discovery import Announcement, Browser
+from doramesh.errors import DoraMeshError
+from doramesh.types import Network, NodeId
+from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc
+
+_log = structlog.get_logger("coordinator")
+
+COORDINATOR_SERVICE = "doramesh.v1.Coordinator"
+
+
+class CoordinatorServer:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.address = ""
+        self.registry = FleetRegistry(
+            max_agents=settings.max_agents, dead_after_s=settings.dead_after_s
+        )
+        self.weights = WeightStore(settings.weight_cache_mb << 20)
+        self._server = create_server("coordinator")
+        self._health = health.aio.HealthServicer()
+        self._browser: Browser | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._watchers: dict[NodeId, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._admitting: set[str] = set()
+        self.deployer: Deployer | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self) -> str:
+        s = self.settings
+        bound = bind(self._server, s.listen)
+        host, _, port = bound.rpartition(":")
+        if s.advertise_host:
+            host = s.advertise_host
+        elif host in {"0.0.0.0", "[::]", ""}:
+            host = "127.0.0.1"
+        self.address = f"{host}:{port}"
+        self.deployer = Deployer(
+            registry=self.registry,
+            weights=self.weights,
+            planner_address=s.planner,
+            network=Network(
+                kind="shared", bandwidth_mbps=s.network_mbps, latency_ms=s.network_latency_ms
+            ),
+            weights_source=self.address,
+        )
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorServicer(self.registry, self.deployer, infer_timeout_s=s.infer_timeout_s),
+            self._server,
+        )
+        coordinator_pb2_grpc.add_WeightStoreServicer_to_server(
+            WeightStoreServicer(self.weights), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        await self._server.start()
+        for name in ("", COORDINATOR_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for address in s.static_agents:
+            self._spawn(self._admit_static(address))
+        if s.browse:
+            self._browser = Browser(
+                self._on_found,
+                interfaces=list(s.mdns_interfaces) if s.mdns_interfaces else None,
+                fleet_id=s.fleet_id,
+                max_entries=s.max_agents * 4,
+            )
+            await self._browser.start()
+        _log.info("coordinator serving", address=self.address, planner=s.planner)
+        return self.address
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = create_channel(address)
+        return channel
+
+    async def _on_found(self, ann: Announcement) -> None:
+        await self._admit(ann.address, expect_node_id=ann.node_id, discovered_by="mdns")
+
+    async def _admit_static(self, address: str) -> None:
+        # A static agent may boot after the coordinator: keep trying until it answers.
+        delay = 0.2
+        while not await self._admit(address, expect_node_id=None, discovered_by="static"):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _admit(
+        self, address: str, *, expect_node_id: str | None, discovered_by: str
+    ) -> bool:
+        if address in self._admitting:
+            return True
+        self._admitting.add(address)
+        try:
+            stub = agent_pb2_grpc.AgentStub(self._channel(address))
+            try:
+                pb = await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                _log.info("agent not reachable", address=address, status=err.code().name)
+                return False
+            profile = convert.profile_from_pb(pb)
+            if expect_node_id is not None and profile.node_id != expect_node_id:
+                _log.warning(
+                    "announced node id does not match the agent; not admitted",
+                    address=address,
+                    announced=expect_node_id,
+                    answered=profile.node_id,
+                )
+                return False
+            if self.settings.fleet_id and profile.fleet_id != self.settings.fleet_id:
+                return False
+            if profile.address != address:
+                # Trust the address we reached it on, not the one it believes it has.
+                from dataclasses import replace
+
+                profile = replace(profile, address=address)
+            try:
+                known = self.registry.agents.get(profile.node_id)
+                self.registry.admit(
+                    profile,
+                    "mdns" if discovered_by == "mdns" else "static",
+                    time.monotonic(),
+                )
+            except DoraMeshError as err:
+                _log.warning("agent refused", node_id=profile.node_id, reason=err.message)
+                return False
+            if known is None or known.state == "dead":
+                _log.info(
+                    "agent admitted",
+                    node_id=profile.node_id,
+                    address=address,
+                    device_class=profile.device_class,
+                    by=discovered_by,
+                )
+            watcher = self._watchers.get(profile.node_id)
+            if watcher is None or watcher.done():
+                self._watchers[profile.node_id] = asyncio.create_task(
+                    self._watch(profile.node_id, address)
+                )
+            self.changed.set()
+            return True
+        finally:
+            self._admitting.discard(address)
+
+    async def _watch(self, node_id: NodeId, address: str) -> None:
+        """Health-check one agent; a killed agent sends no goodbye, so silence is death."""
+        from grpc_health.v1 import health_pb2 as hpb
+
+        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        period = self.settings.heartbeat_s
+        while True:
+            try:
+                reply = await stub.Check(hpb.HealthCheckRequest(service=""), timeout=period)
+                ok = reply.status == hpb.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                ok = False
+            now = time.monotonic()
+            record = self.registry.agents.get(node_id)
+            if record is None or record.profile.address != address:
+                return
+            if ok:
+                self.registry.heard_from(node_id, now)
+            else:
+                state = self.registry.missed(node_id, now)
+                if state is not None:
+                    _log.warning("agent liveness changed", node_id=node_id, state=state)
+                    self.changed.set()
+            await asyncio.sleep(period)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._browser is not None:
+            await self._browser.stop()
+        for task in [*self._watchers.values(), *self._tasks]:
+            task.cancel()
+        await self._server.stop(grace)
+        if self.deployer is not None:
+            await self.deployer.close()
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

@@ -1,0 +1,164 @@
+"""The client-facing Coordinator servicer: validate, convert, call the deployer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from doramesh import convert
+from doramesh.channels import MAX_MESSAGE_BYTES
+from doramesh.coordinator.deploy import Deployer, Deployment
+from doramesh.coordinator.registry import FleetRegistry
+from doramesh.errors import DoraMeshError, InvalidArgument
+from doramesh.servicing import stream_errors, unary_errors
+from doramesh.tensors import tensor_from_pb, tensor_to_pb
+from doramesh.types import Workload
+from doramesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+#: Requests one InferStream may have in flight.
+MAX_STREAM_INFLIGHT = 64
+
+
+def deployment_to_pb(dep: Deployment) -> coordinator_pb2.Deployment:
+    return coordinator_pb2.Deployment(
+        model=dep.model,
+        plan_epoch=dep.plan_epoch,
+        plan=convert.plan_to_pb(dep.plan),
+        status=dep.status,
+        error=dep.error,
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
+    remaining = context.time_remaining()
+    return default_s if remaining is None else max(0.0, remaining)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self, registry: FleetRegistry, deployer: Deployer, *, infer_timeout_s: float
+    ) -> None:
+        self.registry = registry
+        self.deployer = deployer
+        self.infer_timeout_s = infer_timeout_s
+
+    @unary_errors
+    async def Fleet(
+        self, request: coordinator_pb2.FleetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.FleetView:
+        now = time.monotonic()
+        return coordinator_pb2.FleetView(
+            agents=[
+                coordinator_pb2.AgentInfo(
+                    profile=convert.profile_to_pb(r.profile),
+                    state=r.state,
+                    last_seen_s=now - r.last_seen,
+                    discovered_by=r.discovered_by,
+                )
+                for r in self.registry.agents.values()
+            ],
+            deployments=[deployment_to_pb(d) for d in self.deployer.deployments.values()],
+        )
+
+    @unary_errors
+    async def Deploy(
+        self, request: coordinator_pb2.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.DeployResponse:
+        if not request.model:
+            raise InvalidArgument("model is required")
+        qoe = convert.qoe_from_pb(request.qoe) if request.HasField("qoe") else None
+        workload = (
+            convert.workload_from_pb(request.workload)
+            if request.HasField("workload")
+            else Workload()
+        )
+        dep = await self.deployer.deploy(
+            request.model,
+            seed=request.seed,
+            qoe=qoe,
+            workload=workload,
+            planner=request.planner or "doramesh",
+            timeout_s=_deadline(context, 600.0),
+        )
+        return coordinator_pb2.DeployResponse(deployment=deployment_to_pb(dep))
+
+    async def _infer(
+        self, request: coordinator_pb2.InferRequest, timeout_s: float
+    ) -> coordinator_pb2.InferResponse:
+        if not request.model:
+            raise InvalidArgument("model is required")
+        if not request.HasField("input"):
+            raise InvalidArgument("input tensor is required")
+        x = tensor_from_pb(request.input, max_bytes=MAX_MESSAGE_BYTES)
+        request_id = request.request_id or uuid.uuid4().hex
+        result, dep, latency_ms = await self.deployer.infer(
+            request.model, x, request_id=request_id, timeout_s=timeout_s
+        )
+        return coordinator_pb2.InferResponse(
+            request_id=request_id,
+            output=tensor_to_pb(result.tensor),
+            plan_epoch=dep.plan_epoch,
+            latency_ms=latency_ms,
+            compute_ms=result.compute_ms,
+        )
+
+    @unary_errors
+    async def Infer(
+        self, request: coordinator_pb2.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.InferResponse:
+        return await self._infer(request, _deadline(context, self.infer_timeout_s))
+
+    @stream_errors
+    async def InferStream(
+        self,
+        request_iterator: AsyncIterator[coordinator_pb2.InferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[coordinator_pb2.InferResponse]:
+        """Requests are pipelined through the fleet; answers come back in request order."""
+        pending: asyncio.Queue[asyncio.Task[coordinator_pb2.InferResponse] | None] = (
+            asyncio.Queue(MAX_STREAM_INFLIGHT)
+        )
+
+        async def feed() -> None:
+            try:
+                async for request in request_iterator:
+                    timeout = _deadline(context, self.infer_timeout_s)
+                    await pending.put(asyncio.create_task(self._infer(request, timeout)))
+            finally:
+                await pending.put(None)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await feeder
+        finally:
+            feeder.cancel()
+            while not pending.empty():
+                item = pending.get_nowait()
+                if item is not None:
+                    item.cancel()
+
+    @unary_errors
+    async def JobStatus(
+        self, request: coordinator_pb2.JobStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.JobStatusResponse:
+        dep = self.deployer.deployments.get(request.model)
+        if dep is None:
+            from doramesh.errors import NotFound
+
+            raise NotFound(f"no deployment of {request.model!r}")
+        return coordinator_pb2.JobStatusResponse(
+            deployment=deployment_to_pb(dep),
+            requests_served=dep.served,
+            requests_failed=dep.failed,
+            latency_ms_p50=dep.percentile(0.5),
+            latency_ms_p95=dep.percentile(0.95),
+        )
+
+

@@ -1,0 +1,316 @@
+"""The app-facing SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Every call takes a deadline (``timeout``; the client's default otherwise) and raises a
+``DoraMeshError`` subclass on failure: gRPC's own exceptions never reach the caller.
+
+    import doramesh, torch
+    with doramesh.Client("127.0.0.1:7070") as client:
+        client.deploy("resnet18")
+        logits = client.infer("resnet18", torch.randn(1, 3, 224, 224))
+        print(client.fleet())
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+import grpc
+import grpc.aio
+import torch
+
+from doramesh import convert
+from doramesh.channels import MAX_MESSAGE_BYTES, create_channel, create_sync_channel
+from doramesh.errors import (
+    Aborted,
+    Cancelled,
+    DeadlineExceeded,
+    DoraMeshError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Status,
+    Unavailable,
+    from_rpc_error,
+)
+from doramesh.tensors import tensor_from_pb, tensor_to_pb
+from doramesh.types import DeviceProfile, Plan, QoESpec, Workload
+from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+__all__ = [
+    "Aborted",
+    "AgentView",
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "DeploymentView",
+    "DoraMeshError",
+    "FailedPrecondition",
+    "InferResult",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "Status",
+    "Unavailable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    profile: DeviceProfile
+    state: Literal["alive", "suspect", "dead"] | str
+    last_seen_s: float
+    discovered_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentView:
+    model: str
+    plan_epoch: int
+    plan: Plan
+    status: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    output: torch.Tensor
+    request_id: str
+    plan_epoch: int
+    latency_ms: float
+    compute_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    deployment: DeploymentView
+    requests_served: int
+    requests_failed: int
+    latency_ms_p50: float
+    latency_ms_p95: float
+
+
+def _deployment(pb: coordinator_pb2.Deployment) -> DeploymentView:
+    return DeploymentView(pb.model, pb.plan_epoch, convert.plan_from_pb(pb.plan), pb.status, pb.error)
+
+
+def _fleet(pb: coordinator_pb2.FleetView) -> list[AgentView]:
+    return [
+        AgentView(convert.profile_from_pb(a.profile), a.state, a.last_seen_s, a.discovered_by)
+        for a in pb.agents
+    ]
+
+
+def _infer_request(model: str, x: torch.Tensor, request_id: str) -> coordinator_pb2.InferRequest:
+    return coordinator_pb2.InferRequest(model=model, input=tensor_to_pb(x), request_id=request_id)
+
+
+def _infer_result(pb: coordinator_pb2.InferResponse) -> InferResult:
+    return InferResult(
+        tensor_from_pb(pb.output, max_bytes=MAX_MESSAGE_BYTES),
+        pb.request_id,
+        pb.plan_epoch,
+        pb.latency_ms,
+        pb.compute_ms,
+    )
+
+
+def _deploy_request(
+    model: str, seed: int, qoe: QoESpec | None, workload: Workload | None, planner: str
+) -> coordinator_pb2.DeployRequest:
+    req = coordinator_pb2.DeployRequest(model=model, seed=seed, planner=planner)
+    if qoe is not None:
+        req.qoe.CopyFrom(convert.qoe_to_pb(qoe))
+    if workload is not None:
+        req.workload.CopyFrom(convert.workload_to_pb(workload))
+    return req
+
+
+class Client:
+    """Blocking client of a coordinator."""
+
+    def __init__(self, address: str = "127.0.0.1:7070", *, timeout: float = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = create_sync_channel(address)
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _t(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def fleet(self, *, timeout: float | None = None) -> list[AgentView]:
+        try:
+            return _fleet(self._stub.Fleet(coordinator_pb2.FleetRequest(), timeout=self._t(timeout)))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def deploy(
+        self,
+        model: str,
+        *,
+        seed: int = 0,
+        qoe: QoESpec | None = None,
+        workload: Workload | None = None,
+        planner: str = "doramesh",
+        timeout: float | None = None,
+    ) -> DeploymentView:
+        try:
+            resp = self._stub.Deploy(
+                _deploy_request(model, seed, qoe, workload, planner), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _deployment(resp.deployment)
+
+    def infer_result(
+        self, model: str, x: torch.Tensor, *, request_id: str = "", timeout: float | None = None
+    ) -> InferResult:
+        try:
+            resp = self._stub.Infer(_infer_request(model, x, request_id), timeout=self._t(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _infer_result(resp)
+
+    def infer(self, model: str, x: torch.Tensor, *, timeout: float | None = None) -> torch.Tensor:
+        return self.infer_result(model, x, timeout=timeout).output
+
+    def infer_many(
+        self, model: str, inputs: Iterable[torch.Tensor], *, timeout: float | None = None
+    ) -> Iterator[InferResult]:
+        """Stream requests through the fleet, pipelined; results come back in request order."""
+        requests = (_infer_request(model, x, str(i)) for i, x in enumerate(inputs))
+        try:
+            for resp in self._stub.InferStream(requests, timeout=self._t(timeout)):
+                yield _infer_result(resp)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def job_status(self, model: str, *, timeout: float | None = None) -> JobStatus:
+        try:
+            resp = self._stub.JobStatus(
+                coordinator_pb2.JobStatusRequest(model=model), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return JobStatus(
+            _deployment(resp.deployment),
+            resp.requests_served,
+            resp.requests_failed,
+            resp.latency_ms_p50,
+            resp.latency_ms_p95,
+        )
+
+
+class AsyncClient:
+    """asyncio client of a coordinator; safe to share among tasks."""
+
+    def __init__(self, address: str = "127.0.0.1:7070", *, timeout: float = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._channel = create_channel(address)
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _t(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    async def fleet(self, *, timeout: float | None = None) -> list[AgentView]:
+        try:
+            return _fleet(
+                await self._stub.Fleet(coordinator_pb2.FleetRequest(), timeout=self._t(timeout))
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def deploy(
+        self,
+        model: str,
+        *,
+        seed: int = 0,
+        qoe: QoESpec | None = None,
+        workload: Workload | None = None,
+        planner: str = "doramesh",
+        timeout: float | None = None,
+    ) -> DeploymentView:
+        try:
+            resp = await self._stub.Deploy(
+                _deploy_request(model, seed, qoe, workload, planner), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _deployment(resp.deployment)
+
+    async def infer_result(
+        self, model: str, x: torch.Tensor, *, request_id: str = "", timeout: float | None = None
+    ) -> InferResult:
+        try:
+            resp = await self._stub.Infer(
+                _infer_request(model, x, request_id), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return _infer_result(resp)
+
+    async def infer(
+        self, model: str, x: torch.Tensor, *, timeout: float | None = None
+    ) -> torch.Tensor:
+        return (await self.infer_result(model, x, timeout=timeout)).output
+
+    async def infer_many(
+        self, model: str, inputs: Iterable[torch.Tensor], *, timeout: float | None = None
+    ) -> AsyncIterator[InferResult]:
+        requests = (_infer_request(model, x, str(i)) for i, x in enumerate(inputs))
+        call = self._stub.InferStream(requests, timeout=self._t(timeout))
+        try:
+            async for resp in call:
+                yield _infer_result(resp)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def job_status(self, model: str, *, timeout: float | None = None) -> JobStatus:
+        try:
+            resp = await self._stub.JobStatus(
+                coordinator_pb2.JobStatusRequest(model=model), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return JobStatus(
+            _deployment(resp.deployment),
+            resp.requests_served,
+            resp.requests_failed,
+            resp.latency_ms_p50,
+            resp.latency_ms_p95,
+        )
