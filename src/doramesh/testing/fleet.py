@@ -1,0 +1,227 @@
+"""LocalFleet (in-process) and SubprocessFleet (one OS process per daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from doramesh.agent.config import AgentSettings
+from doramesh.agent.server import AgentServer
+from doramesh.coordinator.config import CoordinatorSettings
+from doramesh.coordinator.server import CoordinatorServer
+from doramesh.planner.servicer import PlannerServer
+
+#: Device classes the demo's agents emulate, in order: a mixed home/edge fleet.
+DEFAULT_CLASSES = ("raspberry-pi-5", "jetson-orin-nano", "raspberry-pi-4", "mini-pc", "pixel-8")
+LOOPBACK = ("127.0.0.1",)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> None:
+    """Wait on a condition, not a sleep; raise TimeoutError naming the condition."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class LocalFleet:
+    """Planner + coordinator + agents in this process, on loopback, found by real mDNS."""
+
+    classes: Sequence[str | None] = DEFAULT_CLASSES[:3]
+    mdns: bool = True
+    measure_s: float = 0.3
+    memory_limit_mb: int | None = None
+    cache_dir: Path | None = None
+    planner: PlannerServer | None = None
+    coordinator: CoordinatorServer | None = None
+    agents: list[AgentServer] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def address(self) -> str:
+        assert self.coordinator is not None
+        return self.coordinator.address
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        if self.cache_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="doramesh-fleet-")
+            self.cache_dir = Path(self._tmp.name)
+        self.planner = PlannerServer("127.0.0.1:0")
+        planner_address = await self.planner.start()
+        agents = [
+            AgentServer(
+                AgentSettings(
+                    listen="127.0.0.1:0",
+                    node_id=f"agent-{i}-{cls or 'host'}",
+                    emulate=cls,
+                    memory_limit_mb=self.memory_limit_mb,
+                    mdns_interfaces=LOOPBACK,
+                    announce=self.mdns,
+                    cache_dir=self.cache_dir / f"agent-{i}",
+                    measure_s=self.measure_s,
+                )
+            )
+            for i, cls in enumerate(self.classes)
+        ]
+        # Profiling is CPU-bound: measure one agent at a time so they do not skew each other.
+        for agent in agents:
+            await agent.start()
+            self.agents.append(agent)
+        self.coordinator = CoordinatorServer(
+            CoordinatorSettings(
+                listen="127.0.0.1:0",
+                planner=planner_address,
+                static_agents=() if self.mdns else tuple(a.address for a in agents),
+                browse=self.mdns,
+                mdns_interfaces=LOOPBACK,
+            )
+        )
+        await self.coordinator.start()
+        await self.wait_for_agents(len(agents), timeout=timeout)
+
+    async def wait_for_agents(self, n: int, *, timeout: float = 30.0) -> None:
+        coordinator = self.coordinator
+        assert coordinator is not None
+        await wait_for_async(lambda: len(coordinator.registry.alive()) >= n, timeout)
+
+    async def kill_agent(self, index: int) -> None:
+        """Stop an agent abruptly: no drain, no mDNS goodbye reaches anyone in time."""
+        await self.agents[index].stop(grace=0)
+
+    async def stop(self) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.stop(grace=0.5)
+        for agent in self.agents:
+            await agent.stop(grace=0.5)
+        if self.planner is not None:
+            await self.planner.stop(0.5)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+@dataclass
+class DaemonProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+
+class SubprocessFleet:
+    """The daemons as separate OS processes started through the CLI (``doramesh agent`` etc.).
+
+    Each daemon binds port 0 and writes its bound address to a ``--ready-file``; nothing is
+    shared between the processes but the network.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[str] = DEFAULT_CLASSES[:3],
+        *,
+        workdir: Path,
+        mdns: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.classes = classes
+        self.workdir = workdir
+        self.mdns = mdns
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.daemons: dict[str, DaemonProcess] = {}
+
+    def _start(self, name: str, args: list[str], timeout: float) -> DaemonProcess:
+        ready = self.workdir / f"{name}.ready"
+        log = self.workdir / f"{name}.log"
+        cmd = [sys.executable, "-m", "doramesh", *args, "--ready-file", str(ready)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{name} not ready in {timeout} s:\n{log.read_text()}")
+            time.sleep(0.05)
+        address = json.loads(ready.read_text())["address"]
+        daemon = DaemonProcess(name, proc, address, log)
+        self.daemons[name] = daemon
+        return daemon
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start everything; returns the coordinator's address."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        loopback = ["--mdns-interface", "127.0.0.1"]
+        planner = self._start("planner", ["planner", "--listen", "127.0.0.1:0"], timeout)
+        agents = []
+        for i, cls in enumerate(self.classes):
+            args = ["agent", "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}-{cls}"]
+            args += ["--emulate", cls, "--cache-dir", str(self.workdir / f"cache-{i}"), *loopback]
+            if not self.mdns:
+                args.append("--no-announce")
+            agents.append(self._start(f"agent-{i}", args, timeout))
+        args = ["coordinator", "--listen", "127.0.0.1:0", "--planner", planner.address, *loopback]
+        if not self.mdns:
+            args.append("--no-browse")
+            for agent in agents:
+                args += ["--agent", agent.address]
+        coordinator = self._start("coordinator", args, timeout)
+        return coordinator.address
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.daemons[name].process.send_signal(sig)
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+        for daemon in self.daemons.values():
+            try:
+                daemon.process.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait(5)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.name}\n{d.log.read_text()}" for d in self.daemons.values())
