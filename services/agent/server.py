@@ -14,7 +14,7 @@ from doramesh.agent.profiler import build_profile
 from doramesh.agent.runtime import StageRuntime, WeightCache
 from doramesh.agent.servicer import AgentServicer
 from doramesh.channels import bind, create_server
-from doramesh.discovery import Announcer
+from doramesh.discovery import lan_address, Announcer
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2_grpc
 
@@ -44,7 +44,7 @@ class AgentServer:
         if s.advertise_host:
             host = s.advertise_host
         elif host in {"0.0.0.0", "[::]", ""}:
-            host = "127.0.0.1"
+            host = lan_address(s.mdns_interfaces)
         self.address = f"{host}:{port}"
         profile = await asyncio.to_thread(
             build_profile,
@@ -54,6 +54,8 @@ class AgentServer:
             memory_limit_bytes=(s.memory_limit_mb << 20) if s.memory_limit_mb else None,
             fleet_id=s.fleet_id,
             measure_s=s.measure_s,
+            threads=s.threads or None,
+            device=s.device,
         )
         self.profile = profile
         self.runtime = StageRuntime(

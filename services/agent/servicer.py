@@ -71,7 +71,7 @@ def _error_frame(header: agent_pb2.ActivationHeader, err: DoraMeshError) -> agen
             request_id=header.request_id,
             microbatch_id=header.microbatch_id,
             error=err.message,
-            error_code=err.status.value.value[0],
+            error_code=err.status.value,
         )
     )
 
@@ -183,7 +183,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     return
                 if isinstance(item, DoraMeshError):
                     _log.info("stream refused", status=item.status.name, error=item.message)
-                    await context.abort(item.status.value, item.message)
+                    await context.abort(item.status.grpc_code, item.message)
                 if isinstance(item, BaseException):
                     return
                 yield item

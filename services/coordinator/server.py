@@ -17,7 +17,7 @@ from doramesh.coordinator.deploy import Deployer
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.servicer import CoordinatorServicer
 from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
-from doramesh.discovery import Announcement, Browser
+from doramesh.discovery import lan_address, Announcement, Browser
 from doramesh.errors import DoraMeshError
 from doramesh.types import Network, NodeId
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc
@@ -52,7 +52,7 @@ class CoordinatorServer:
         if s.advertise_host:
             host = s.advertise_host
         elif host in {"0.0.0.0", "[::]", ""}:
-            host = "127.0.0.1"
+            host = lan_address(s.mdns_interfaces)
         self.address = f"{host}:{port}"
         self.deployer = Deployer(
             registry=self.registry,

@@ -34,6 +34,23 @@ class Announcement:
     protocol_version: str
 
 
+def lan_address(interfaces: Sequence[str] | None = None) -> str:
+    """The IPv4 address peers should dial when a daemon listens on a wildcard address.
+
+    Takes the first of ``interfaces`` if given, else the first non-loopback IPv4 address of this
+    host (from the interface list; nothing is sent), else 127.0.0.1.
+    """
+    if interfaces:
+        return interfaces[0]
+    import ifaddr
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                return ip.ip
+    return "127.0.0.1"
+
+
 def _zeroconf(interfaces: Sequence[str] | None) -> AsyncZeroconf:
     if interfaces:
         return AsyncZeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)

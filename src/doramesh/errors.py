@@ -8,25 +8,46 @@ subclass, so users never see a raw ``grpc.RpcError``.
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 
 class Status(enum.Enum):
-    """The subset of gRPC status codes doramesh uses, by meaning."""
+    """The gRPC status codes doramesh uses, by meaning; values are the wire numbers.
 
-    INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
-    NOT_FOUND = grpc.StatusCode.NOT_FOUND
-    FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-    RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-    UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-    DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
-    CANCELLED = grpc.StatusCode.CANCELLED
-    ABORTED = grpc.StatusCode.ABORTED
-    UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
-    PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
-    INTERNAL = grpc.StatusCode.INTERNAL
-    UNKNOWN = grpc.StatusCode.UNKNOWN
+    Pure modules (planner, catalogue) raise these errors too, so this module must not import
+    grpc at load time.
+    """
+
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        import grpc
+
+        return getattr(grpc.StatusCode, self.name)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_grpc(cls, code: Any) -> Status:
+        """From a grpc.StatusCode or its wire number; UNKNOWN for anything else."""
+        number = code.value[0] if hasattr(code, "value") else code
+        try:
+            return cls(number)
+        except ValueError:
+            return cls.UNKNOWN
 
 
 class DoraMeshError(Exception):
@@ -108,18 +129,15 @@ _BY_STATUS: dict[Status, type[DoraMeshError]] = {
 }
 
 
-def error_for(code: grpc.StatusCode, message: str) -> DoraMeshError:
-    """The typed error for a received gRPC status."""
-    try:
-        status = Status(code)
-    except ValueError:
-        status = Status.UNKNOWN
+def error_for(code: grpc.StatusCode | int, message: str) -> DoraMeshError:
+    """The typed error for a received gRPC status (a StatusCode or its wire number)."""
+    status = Status.from_grpc(code)
     cls = _BY_STATUS.get(status, DoraMeshError)
     return cls(message, status=status)
 
 
 def from_rpc_error(err: grpc.RpcError) -> DoraMeshError:
     """Convert a grpc.RpcError (sync or aio) into the typed error."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    code: Any = err.code() if hasattr(err, "code") else Status.UNKNOWN.value
     details = err.details() if hasattr(err, "details") else str(err)
     return error_for(code, details or "")

@@ -18,7 +18,7 @@ R = TypeVar("R")
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: DoraMeshError) -> None:
-    await context.abort(err.status.value, err.message)
+    await context.abort(err.status.grpc_code, err.message)
 
 
 def unary_errors(
@@ -35,7 +35,7 @@ def unary_errors(
             return await fn(self, request, context)
         except DoraMeshError as err:
             _log.info("request refused", status=err.status.name, error=err.message)
-            await context.abort(err.status.value, err.message)
+            await context.abort(err.status.grpc_code, err.message)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as err:  # a bug must not take the server down
@@ -60,7 +60,7 @@ def stream_errors(
                 yield item
         except DoraMeshError as err:
             _log.info("stream refused", status=err.status.name, error=err.message)
-            await context.abort(err.status.value, err.message)
+            await context.abort(err.status.grpc_code, err.message)
         except (grpc.aio.AbortError, grpc.RpcError):
             raise
         except Exception as err:

@@ -90,11 +90,7 @@ class PeerLink:
                 if frame.HasField("header") and frame.header.error:
                     fut = self._pending.pop(frame.header.microbatch_id, None)
                     if fut is not None and not fut.done():
-                        code = grpc.StatusCode.UNKNOWN
-                        for c in grpc.StatusCode:
-                            if c.value[0] == frame.header.error_code:
-                                code = c
-                        fut.set_exception(error_for(code, frame.header.error))
+                        fut.set_exception(error_for(frame.header.error_code, frame.header.error))
                     continue
                 done = assembler.feed(frame)
                 if done is None:
