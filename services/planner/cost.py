@@ -1,0 +1,359 @@
+"""Analytical cost model of a pipeline plan: time, memory and energy per microbatch.
+
+Pure arithmetic on the domain values (no gRPC, no torch, no I/O). The dynamic program in
+``dp.py`` optimises over the same quantities in a vectorised form; ``predict`` here is the
+single source of truth for the figures a plan reports, so whatever the search does, a plan's
+``predicted`` comes from this module.
+
+The model, per microbatch of ``workload.batch`` samples (a request is one microbatch):
+
+- *compute*: a stage's time is ``sum(layer GFLOP) * samples / device GFLOP/s``; for a group of
+  devices (data-parallel replicas inside a stage) each device computes its share of the samples
+  and the stage takes as long as its slowest replica. Training counts forward plus backward FLOPs.
+- *transfer*: between consecutive stages the last layer's activation (``activation_bytes *
+  samples``) crosses the network: ``bytes * 8 / (bandwidth_mbps * 1e6)`` seconds on the wire,
+  plus the path latency. Training sends the gradient back the same way, so a boundary costs
+  twice. The coordinator's input transfer to stage 0 and the output back are *not* counted: they
+  are the same for every plan on a fleet, depend on the coordinator's link, which the planner is
+  not told, and would only shift every plan's latency by a constant.
+- *latency*: one microbatch through the pipeline, ``sum(compute) + sum(transfer)``.
+- *bottleneck*: the steady-state time between microbatches, ``max(max stage compute, network
+  term)``. The network term counts wire time only, since path latency overlaps with other
+  microbatches once the pipeline is full (activations stream over gRPC without stop-and-wait).
+  On a shared medium (Wi-Fi) every transfer competes for one capacity, so the term is the *sum*
+  of all wire times per microbatch; with per-pair links it is the busiest directed link.
+- *throughput*: ``samples / bottleneck`` samples per second.
+- *energy* (DESIGN.md, "energy attributable to a job"): every participating device draws its
+  active power while computing and its idle power for the rest of the period between
+  microbatches; while sending it also draws its transmit power. ``power_tx_w`` is an increment
+  on top of the compute or idle draw (catalogue figures have a transmit power below the idle
+  power, which only makes sense as the radio's extra draw). The period is the steady-state one:
+  ``1 / throughput`` per microbatch, or ``1 / rate_rps`` when the workload asks for fewer
+  requests per second than the plan can serve. Devices not in the plan cost nothing.
+- *memory*: see ``stage_memory_bytes``.
+
+Training is modelled as the same pipeline with forward+backward compute and two-way transfers
+in steady state (microbatches in flight across steps); choosing a microbatch smaller than the
+batch, and the 1F1B schedule's bubble, are left to the microbatch planner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from doramesh.types import (
+    DeviceProfile,
+    LayerTable,
+    Network,
+    NodeId,
+    Prediction,
+    StagePlan,
+    Workload,
+    WorkloadKind,
+)
+
+#: Microbatches a stage holds at once during inference: one computing, one arriving
+#: (double buffering lets the next activation stream in while the current one is computed).
+INFERENCE_INFLIGHT_MICROBATCHES = 2
+#: Microbatches whose activations a training stage keeps for their backward pass.
+TRAINING_INFLIGHT_MICROBATCHES = 2
+#: Bytes of training state per parameter byte: weights, gradients and Adam's two moments.
+TRAINING_STATE_FACTOR = 4
+#: Floor of the time between microbatches, so a degenerate (zero-FLOP) model still has a
+#: finite throughput.
+MIN_BOTTLENECK_S = 1e-9
+
+DeviceLookup = Mapping[str, DeviceProfile] | Iterable[DeviceProfile]
+
+
+def direction_factor(kind: WorkloadKind) -> int:
+    """How many times a stage boundary is crossed per microbatch (training sends gradients back)."""
+    return 2 if kind == "training" else 1
+
+
+def layer_gflops(table: LayerTable, kind: WorkloadKind) -> list[float]:
+    """Per-sample GFLOP of each layer for this kind of workload (training adds the backward)."""
+    if kind == "training":
+        return [layer.gflops + layer.backward_gflops for layer in table.layers]
+    return [layer.gflops for layer in table.layers]
+
+
+def input_bytes_of(table: LayerTable, index: int) -> int:
+    """Per-sample bytes entering layer ``index``: the model input or the previous activation."""
+    return table.input_bytes if index == 0 else table.layers[index - 1].activation_bytes
+
+
+def inflight_microbatches(kind: WorkloadKind) -> int:
+    return TRAINING_INFLIGHT_MICROBATCHES if kind == "training" else INFERENCE_INFLIGHT_MICROBATCHES
+
+
+def stage_memory_bytes(
+    table: LayerTable,
+    first: int,
+    last: int,
+    *,
+    samples: int,
+    kind: WorkloadKind = "inference",
+) -> int:
+    """Bytes a device needs to run layers ``first..last`` (inclusive) on ``samples`` samples.
+
+    Inference: the stage's parameters plus, for each in-flight microbatch, the largest transient
+    footprint of any of its layers (its input, its output and its workspace are alive together).
+    Training: parameters times ``TRAINING_STATE_FACTOR`` (weights, gradients, optimiser moments)
+    plus, for each in-flight microbatch, every layer's input kept for the backward pass, the
+    stage output and the largest workspace.
+
+    Both grow when the range grows, which the dynamic program relies on (a range that does not
+    fit cannot fit after extending it).
+    """
+    if not 0 <= first <= last < len(table.layers):
+        raise ValueError(f"bad layer range {first}..{last} for {len(table.layers)} layers")
+    layers = table.layers[first : last + 1]
+    params = sum(layer.param_bytes for layer in layers)
+    inflight = inflight_microbatches(kind)
+    if kind == "training":
+        kept = sum(input_bytes_of(table, i) for i in range(first, last + 1))
+        kept += table.layers[last].activation_bytes
+        workspace = max(layer.workspace_bytes for layer in layers)
+        return params * TRAINING_STATE_FACTOR + (kept + workspace) * samples * inflight
+    peak = max(
+        input_bytes_of(table, i) + layer.activation_bytes + layer.workspace_bytes
+        for i, layer in zip(range(first, last + 1), layers, strict=True)
+    )
+    return params + peak * samples * inflight
+
+
+def samples_for_share(share: float, batch: int) -> int:
+    """Whole samples a replica holds when it takes ``share`` of a microbatch of ``batch``."""
+    return max(1, math.ceil(share * batch - 1e-9)) if share > 0 else 0
+
+
+def fits(stage: StagePlan, devices: DeviceLookup, table: LayerTable, workload: Workload) -> bool:
+    """Whether every device of the stage has the memory for its part of it."""
+    lookup = _lookup(devices)
+    for member in stage.devices:
+        samples = samples_for_share(member.share, workload.batch)
+        if samples == 0:
+            continue
+        need = stage_memory_bytes(
+            table, stage.first, stage.last, samples=samples, kind=workload.kind
+        )
+        if need > lookup[member.id].memory_bytes:
+            return False
+    return True
+
+
+def wire_seconds(nbytes: float, bandwidth_mbps: float) -> float:
+    """Seconds to put ``nbytes`` on a link of ``bandwidth_mbps`` (inf when there is no link)."""
+    if nbytes <= 0:
+        return 0.0
+    if bandwidth_mbps <= 0:
+        return math.inf
+    return nbytes * 8.0 / (bandwidth_mbps * 1e6)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCost:
+    """The cost model's breakdown of one plan, per microbatch; times in seconds."""
+
+    compute_s: tuple[float, ...]
+    """Per stage: the slowest replica's compute time."""
+    transfer_s: tuple[float, ...]
+    """Per boundary between stage k and k+1: wire plus latency, both ways for training."""
+    sync_s: float
+    """Training only: gradient all-reduce inside data-parallel groups, per microbatch."""
+    network_s: float
+    """The network's share of the bottleneck (wire time, summed on a shared medium)."""
+    latency_s: float
+    bottleneck_s: float
+    period_s: float
+    """Steady-state time between microbatches that energy is charged over."""
+    energy_j: float
+    """Energy per microbatch over all participating devices."""
+    batch: int
+
+    @property
+    def throughput_sps(self) -> float:
+        return self.batch / self.bottleneck_s
+
+    @property
+    def energy_j_per_sample(self) -> float:
+        return self.energy_j / self.batch
+
+    def prediction(self) -> Prediction:
+        return Prediction(
+            latency_ms=self.latency_s * 1e3,
+            throughput_sps=self.throughput_sps,
+            energy_j_per_sample=self.energy_j_per_sample,
+        )
+
+
+def evaluate(
+    stages: Sequence[StagePlan],
+    devices: DeviceLookup,
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+) -> PlanCost:
+    """Cost breakdown of a plan (see the module docstring for the model).
+
+    Raises ``KeyError`` for a device id that ``devices`` does not know and ``ValueError`` for
+    stages that do not cover the layers in order.
+    """
+    _check_cover(stages, len(table.layers))
+    lookup = _lookup(devices)
+    kind = workload.kind
+    batch = workload.batch
+    dirs = direction_factor(kind)
+    gflops = layer_gflops(table, kind)
+
+    busy: dict[NodeId, float] = {}
+    sending: dict[NodeId, float] = {}
+    link_load: dict[tuple[NodeId, NodeId], float] = {}
+
+    def send(src: NodeId, dst: NodeId, seconds: float) -> None:
+        sending[src] = sending.get(src, 0.0) + seconds
+        link_load[(src, dst)] = link_load.get((src, dst), 0.0) + seconds
+
+    compute: list[float] = []
+    for stage in stages:
+        work = sum(gflops[stage.first : stage.last + 1])
+        slowest = 0.0
+        for member in stage.devices:
+            device = lookup[member.id]
+            seconds = work * member.share * batch / device.gflops
+            busy[member.id] = busy.get(member.id, 0.0) + seconds
+            slowest = max(slowest, seconds)
+        compute.append(slowest)
+
+    transfers: list[float] = []
+    for before, after in itertools.pairwise(stages):
+        nbytes = table.layers[before.last].activation_bytes * batch
+        per_sender: dict[NodeId, float] = {}
+        worst_latency = 0.0
+        for src in before.devices:
+            for dst in after.devices:
+                if src.id == dst.id:
+                    continue
+                bandwidth, latency_ms = network.link(src.id, dst.id)
+                wire = wire_seconds(nbytes * src.share * dst.share, bandwidth)
+                if wire == 0.0:
+                    continue
+                send(src.id, dst.id, wire)
+                if dirs == 2:  # the gradient goes back over the same pair
+                    send(dst.id, src.id, wire)
+                per_sender[src.id] = per_sender.get(src.id, 0.0) + wire
+                worst_latency = max(worst_latency, latency_ms / 1e3)
+        if not per_sender:
+            transfers.append(0.0)
+            continue
+        if network.kind == "shared":
+            wire_time = sum(per_sender.values())  # one medium: transfers take turns
+        else:
+            wire_time = max(per_sender.values())  # disjoint links run in parallel
+        transfers.append(dirs * (wire_time + worst_latency))
+
+    sync = 0.0
+    if kind == "training":
+        sync = _allreduce(stages, lookup, table, network, send)
+
+    if network.kind == "shared":
+        network_s = sum(link_load.values())
+    else:
+        network_s = max(link_load.values(), default=0.0)
+    latency_s = sum(compute) + sum(transfers) + sync
+    bottleneck = max(max(compute, default=0.0), network_s, MIN_BOTTLENECK_S)
+    period = bottleneck
+    if workload.rate_rps > 0:
+        period = max(period, 1.0 / workload.rate_rps)
+
+    energy = 0.0
+    # Ordered, so the sum (and a plan's reported figure) does not depend on hash seeds.
+    for node_id in dict.fromkeys(m.id for s in stages for m in s.devices):
+        device = lookup[node_id]
+        computing = busy.get(node_id, 0.0)
+        energy += (
+            device.power_idle_w * period
+            + (device.power_active_w - device.power_idle_w) * computing
+            + device.power_tx_w * sending.get(node_id, 0.0)
+        )
+    return PlanCost(
+        compute_s=tuple(compute),
+        transfer_s=tuple(transfers),
+        sync_s=sync,
+        network_s=network_s,
+        latency_s=latency_s,
+        bottleneck_s=bottleneck,
+        period_s=period,
+        energy_j=energy,
+        batch=batch,
+    )
+
+
+def predict(
+    stages: Sequence[StagePlan],
+    devices: DeviceLookup,
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+) -> Prediction:
+    """Predicted latency, throughput and energy per sample of a plan."""
+    return evaluate(stages, devices, table, network, workload).prediction()
+
+
+def _allreduce(
+    stages: Sequence[StagePlan],
+    lookup: Mapping[str, DeviceProfile],
+    table: LayerTable,
+    network: Network,
+    send: Callable[[NodeId, NodeId, float], None],
+) -> float:
+    """Ring all-reduce of each replicated stage's gradients; returns its time per step.
+
+    Each of the ``n`` replicas sends ``2 (n-1)/n`` of the stage's parameter bytes to its ring
+    neighbour, in ``2 (n-1)`` latency-bound steps.
+    """
+    total = 0.0
+    for stage in stages:
+        ring = [m.id for m in stage.devices if m.share > 0]
+        n = len(ring)
+        if n < 2:
+            continue
+        params = sum(table.layers[i].param_bytes for i in stage.layers)
+        nbytes = 2.0 * (n - 1) / n * params
+        wires: list[float] = []
+        worst_latency = 0.0
+        for k, src in enumerate(ring):
+            dst = ring[(k + 1) % n]
+            bandwidth, latency_ms = network.link(src, dst)
+            wire = wire_seconds(nbytes, bandwidth)
+            send(src, dst, wire)
+            wires.append(wire)
+            worst_latency = max(worst_latency, latency_ms / 1e3)
+        wire_time = sum(wires) if network.kind == "shared" else max(wires)
+        total += wire_time + 2 * (n - 1) * worst_latency
+    return total
+
+
+def _lookup(devices: DeviceLookup) -> Mapping[str, DeviceProfile]:
+    if isinstance(devices, Mapping):
+        return devices
+    return {d.node_id: d for d in devices}
+
+
+def _check_cover(stages: Sequence[StagePlan], n_layers: int) -> None:
+    expected = 0
+    for stage in stages:
+        if stage.first != expected or stage.last < stage.first:
+            raise ValueError(
+                f"stages must cover layers 0..{n_layers - 1} in order; got a stage "
+                f"{stage.first}..{stage.last} where layer {expected} was expected"
+            )
+        if not stage.devices:
+            raise ValueError(f"stage {stage.first}..{stage.last} has no device")
+        expected = stage.last + 1
+    if expected != n_layers:
+        raise ValueError(f"stages cover layers 0..{expected - 1} of 0..{n_layers - 1}")
