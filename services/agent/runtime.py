@@ -61,6 +61,9 @@ class LoadedStage:
     module: torch.nn.Module
     param_bytes: int
     gflops_per_sample: float
+    #: Bytes of one sample of this stage's input at the profiled shape; an input of another
+    #: size (a shorter sequence, a smaller image) scales the paced compute time with it.
+    input_bytes_per_sample: int
     next_link: PeerLink | None
     served: int = 0
     compute_s: float = 0.0
@@ -197,6 +200,11 @@ class StageRuntime:
                 module=module,
                 param_bytes=need,
                 gflops_per_sample=sum(layer.gflops for layer in layers),
+                input_bytes_per_sample=(
+                    table.input_bytes
+                    if spec.first == 0
+                    else table.layers[spec.first - 1].activation_bytes
+                ),
                 next_link=next_link,
             )
             if old is not None and old.next_link is not None:
@@ -238,6 +246,8 @@ class StageRuntime:
     async def compute(self, stage: LoadedStage, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Run the stage on one microbatch, paced to the emulated device's speed."""
         batch = x.shape[0] if x.dim() > 0 else 1
+        sample_bytes = x.numel() * x.element_size() / max(batch, 1)
+        scale = sample_bytes / stage.input_bytes_per_sample if stage.input_bytes_per_sample else 1
         module = stage.module
         device = self.device
 
@@ -253,7 +263,7 @@ class StageRuntime:
                 return out.detach().to("cpu").contiguous()
 
         async with self._compute:
-            out, seconds = await self.pacer.run(run, stage.gflops_per_sample * batch)
+            out, seconds = await self.pacer.run(run, stage.gflops_per_sample * batch * scale)
         stage.served += 1
         stage.compute_s += seconds
         return out, seconds

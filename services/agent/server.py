@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc.aio
 import structlog
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,14 +32,17 @@ class AgentServer:
         self.address = ""
         self.profile: DeviceProfile | None = None
         self.runtime: StageRuntime | None = None
-        self._server = create_server("agent")
-        self._health = health.aio.HealthServicer()
+        # grpc.aio objects bind to the running event loop: made in start(), not here.
+        self._server: grpc.aio.Server = None  # type: ignore[assignment]
+        self._health: health.aio.HealthServicer = None  # type: ignore[assignment]
         self._announcer: Announcer | None = None
 
     async def start(self) -> str:
         s = self.settings
         if s.threads > 0:
             torch.set_num_threads(s.threads)
+        self._server = create_server("agent")
+        self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
         host, _, port = bound.rpartition(":")
         if s.advertise_host:
@@ -92,6 +96,8 @@ class AgentServer:
 
     async def stop(self, grace: float = 2.0) -> None:
         """Graceful drain: NOT_SERVING first, then in-flight RPCs get ``grace`` seconds."""
+        if self._server is None:
+            return
         await self._health.enter_graceful_shutdown()
         if self._announcer is not None:
             await self._announcer.stop()

@@ -35,8 +35,9 @@ class CoordinatorServer:
             max_agents=settings.max_agents, dead_after_s=settings.dead_after_s
         )
         self.weights = WeightStore(settings.weight_cache_mb << 20)
-        self._server = create_server("coordinator")
-        self._health = health.aio.HealthServicer()
+        # grpc.aio objects bind to the running event loop: made in start(), not here.
+        self._server: grpc.aio.Server = None  # type: ignore[assignment]
+        self._health: health.aio.HealthServicer = None  # type: ignore[assignment]
         self._browser: Browser | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._watchers: dict[NodeId, asyncio.Task[None]] = {}
@@ -47,6 +48,8 @@ class CoordinatorServer:
 
     async def start(self) -> str:
         s = self.settings
+        self._server = create_server("coordinator")
+        self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
         host, _, port = bound.rpartition(":")
         if s.advertise_host:
@@ -191,6 +194,8 @@ class CoordinatorServer:
             await asyncio.sleep(period)
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._server is None:
+            return
         await self._health.enter_graceful_shutdown()
         if self._browser is not None:
             await self._browser.stop()

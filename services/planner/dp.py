@@ -107,6 +107,9 @@ BOUND_SLACK = 1e-9
 #: Relative optimality gap at which the energy search stops: it proves its plan within this
 #: fraction of the optimum (with per-pair links; see ``_search_min_energy``).
 ENERGY_GAP = 1e-3
+#: Spacing of the bottleneck grid above the longest stage on a shared medium, where the network
+#: term (a sum) can take any value.
+NETWORK_GRID_RATIO = 1.01
 #: Brute force enumerates at most this many devices and layers.
 BRUTE_FORCE_MAX_DEVICES = 5
 BRUTE_FORCE_MAX_LAYERS = 8
@@ -915,6 +918,8 @@ def _search_min_energy(inc: _Incumbent, deadline: float) -> None:
         inc.exact = True
         return
     exact = not pb.shared
+    if pb.shared:
+        candidates = _with_network_grid(pb, candidates, bounds.bottleneck_s)
     top = len(candidates) - 1
     heap: list[tuple[float, int, _EnergyNode]] = []
     order = itertools.count()
@@ -929,9 +934,6 @@ def _search_min_energy(inc: _Incumbent, deadline: float) -> None:
         push(_energy_node(inc, candidates, 0, rated, leaf=True))
     if rated < top:
         push(_energy_node(inc, candidates, rated + 1, top, leaf=rated + 1 == top))
-    if pb.shared and math.isinf(bounds.bottleneck_s):
-        # Plans whose network term exceeds every candidate.
-        push(_energy_node(inc, candidates, top + 1, top + 1, leaf=True))
     while heap:
         if time.monotonic() > deadline:
             exact = False
@@ -994,7 +996,42 @@ def _energy_node(
     bound = period * m.idle_w + m.dynamic_j
     if pb.meets(m, inc.bounds) and m.energy_j <= bound * (1 + 1e-12):
         leaf = True  # the bound is attained by a feasible plan: nothing here does better
+    elif pb.shared and m.network_s > period and math.isfinite(cap):
+        # On a shared medium the period is often the network's air time, which the bound above
+        # ignores. Every plan here has W <= cap: if no plan does, the interval is empty.
+        if m.network_s > cap * (1 + BOUND_SLACK):
+            lean = _run(inc, _Weights(network=1.0), cap, threshold=cap * (1 + BOUND_SLACK))
+            if lean is None:
+                return None
+            inc.offer(lean)
+        # Otherwise, for any mu >= 0 the least of ``period * idle + dynamic + mu * (W - cap)``
+        # bounds them too (weak duality); mu near the plan's idle power prices the air time at
+        # what it costs in idle draw.
+        mu = m.idle_w
+        priced = _Weights(energy=1.0, idle=period, network=mu)
+        second = _run(inc, priced, cap, threshold=threshold + mu * cap)
+        if second is None:
+            return None  # nothing here beats the incumbent by more than the gap
+        m2 = inc.offer(second)
+        assert m2 is not None
+        bound = max(bound, period * m2.idle_w + m2.dynamic_j + mu * (m2.network_s - cap))
     return _EnergyNode(first, last, leaf, cap, weights, bound, m)
+
+
+def _with_network_grid(pb: _Problem, candidates: FloatArray, cap: float) -> FloatArray:
+    """Candidates extended, on a shared medium, with a fine geometric grid up to the largest
+    network term a plan can have, so that network-bound plans fall into bounded intervals."""
+    top = float(candidates[-1])
+    if pb.n_devices < 2 or pb.n_layers < 2:
+        return candidates
+    cuts = np.sort(pb.cut_net[0, 1, 1 : pb.n_layers])[::-1]
+    most = min(float(cuts[: pb.n_devices - 1].sum()), cap)
+    if not most > top:
+        return candidates
+    steps = math.ceil(math.log(most / top) / math.log(NETWORK_GRID_RATIO))
+    grid = top * NETWORK_GRID_RATIO ** np.arange(1, steps + 1)
+    grid[-1] = most
+    return np.concatenate([candidates, grid])
 
 
 def _repair(

@@ -30,12 +30,14 @@ async def test_agents_found_by_mdns(fleet: LocalFleet) -> None:
     assert all(a.state == "alive" for a in agents)
 
 
-@pytest.mark.parametrize("model", ["mlp-tiny", "resnet18"])
-async def test_split_matches_local(fleet: LocalFleet, model: str) -> None:
+@pytest.mark.parametrize(("model", "min_stages"), [("mlp-tiny", 1), ("resnet18", 2)])
+async def test_split_matches_local(fleet: LocalFleet, model: str, min_stages: int) -> None:
+    """resnet18's compute dwarfs its activation transfers, so a throughput plan pipelines it;
+    mlp-tiny is so small that the planner rightly keeps it on the fastest agent."""
     async with AsyncClient(fleet.address, timeout=120) as client:
         dep = await client.deploy(model, seed=7, qoe=QoESpec(objective="max_throughput"))
-        assert len(dep.plan.stages) >= 2
-        assert len({d.id for s in dep.plan.stages for d in s.devices}) >= 2
+        assert len(dep.plan.stages) >= min_stages
+        assert len({d.id for s in dep.plan.stages for d in s.devices}) >= min_stages
         reference = models.build_blocks(model, 7)
         shape = (3, 64, 64) if model == "resnet18" else None
         for i in range(3):

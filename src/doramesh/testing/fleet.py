@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ class LocalFleet:
     measure_s: float = 0.3
     memory_limit_mb: int | None = None
     cache_dir: Path | None = None
+    #: A fresh fleet id per fleet, so fleets started side by side on one host (tests, demos)
+    #: never admit each other's agents from the shared loopback mDNS.
+    fleet_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:8]}")
     planner: PlannerServer | None = None
     coordinator: CoordinatorServer | None = None
     agents: list[AgentServer] = field(default_factory=list)
@@ -95,6 +99,7 @@ class LocalFleet:
                     node_id=f"agent-{i}-{cls or 'host'}",
                     emulate=cls,
                     memory_limit_mb=self.memory_limit_mb,
+                    fleet_id=self.fleet_id,
                     mdns_interfaces=LOOPBACK,
                     announce=self.mdns,
                     cache_dir=self.cache_dir / f"agent-{i}",
@@ -114,6 +119,7 @@ class LocalFleet:
                 static_agents=() if self.mdns else tuple(a.address for a in agents),
                 browse=self.mdns,
                 mdns_interfaces=LOOPBACK,
+                fleet_id=self.fleet_id,
             )
         )
         await self.coordinator.start()
@@ -167,6 +173,7 @@ class SubprocessFleet:
         self.mdns = mdns
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.daemons: dict[str, DaemonProcess] = {}
+        self.fleet_id = f"procs-{uuid.uuid4().hex[:8]}"
 
     def _start(self, name: str, args: list[str], timeout: float) -> DaemonProcess:
         ready = self.workdir / f"{name}.ready"
@@ -192,7 +199,7 @@ class SubprocessFleet:
     def start(self, timeout: float = 60.0) -> str:
         """Start everything; returns the coordinator's address."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        loopback = ["--mdns-interface", "127.0.0.1"]
+        loopback = ["--mdns-interface", "127.0.0.1", "--fleet-id", self.fleet_id]
         planner = self._start("planner", ["planner", "--listen", "127.0.0.1:0"], timeout)
         agents = []
         for i, cls in enumerate(self.classes):
