@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from doramesh.logging import configure_logging
 
-    level = getattr(args, "log_level", "warning" if args.command in {"demo", "bench"} else "info")
+    level = getattr(args, "log_level", "error" if args.command in {"demo", "bench"} else "info")
     configure_logging(level, json=True if getattr(args, "log_json", False) else None)
     handlers: dict[str, Callable[[argparse.Namespace], int | None | Awaitable[None]]] = {
         "agent": _run_agent,

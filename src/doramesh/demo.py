@@ -111,7 +111,7 @@ def _print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     agents = Table(title=f"fleet: {len(report['agents'])} agents found by mDNS "
                    f"in {report['fleet_ready_s']} s")
     for col in ("agent", "emulates", "GFLOP/s", "memory MiB", "found by"):
@@ -120,10 +120,11 @@ def _print_tables(report: dict[str, Any]) -> None:
         agents.add_row(a["id"], a["class"], f"{a['gflops']:.1f}", str(a["memory_mb"]),
                        a["discovered_by"])
     console.print(agents)
-    runs = Table(title="distributed inference vs local execution (float32)")
-    for col in ("model", "stages (layers -> device)", "p50 ms", "predicted ms",
-                "max |diff|", "match"):
-        runs.add_column(col)
+    runs = Table(title="distributed inference vs local execution (float32, same seed)")
+    runs.add_column("model")
+    runs.add_column("stages: layers -> agent", no_wrap=True)
+    for col in ("p50 ms", "predicted ms", "max |diff|", "match"):
+        runs.add_column(col, justify="right")
     for r in report["inference"]:
         stages = "\n".join(
             f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}"

@@ -65,7 +65,7 @@ def test_a_killed_agent_is_noticed_within_seconds(processes: SubprocessFleet) ->
     with Client(address, timeout=10) as client:
         wait_for(
             lambda: any(
-                a.profile.node_id.startswith("agent-2") and a.state == "dead"
+                a.profile.node_id.endswith("-2") and a.state == "dead"
                 for a in client.fleet()
             ),
             10,

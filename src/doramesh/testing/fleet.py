@@ -96,7 +96,7 @@ class LocalFleet:
             AgentServer(
                 AgentSettings(
                     listen="127.0.0.1:0",
-                    node_id=f"agent-{i}-{cls or 'host'}",
+                    node_id=f"{cls or 'host'}-{i}",
                     emulate=cls,
                     memory_limit_mb=self.memory_limit_mb,
                     fleet_id=self.fleet_id,
@@ -203,7 +203,7 @@ class SubprocessFleet:
         planner = self._start("planner", ["planner", "--listen", "127.0.0.1:0"], timeout)
         agents = []
         for i, cls in enumerate(self.classes):
-            args = ["agent", "--listen", "127.0.0.1:0", "--node-id", f"agent-{i}-{cls}"]
+            args = ["agent", "--listen", "127.0.0.1:0", "--node-id", f"{cls}-{i}"]
             args += ["--emulate", cls, "--cache-dir", str(self.workdir / f"cache-{i}"), *loopback]
             if not self.mdns:
                 args.append("--no-announce")
