@@ -2,9 +2,10 @@
 
 A plan here is a pipeline: the layers, in order, are cut into contiguous stages and each stage
 runs on one device, every device at most once. Its cost is ``cost.py``'s model; every plan this
-module returns carries ``cost.predict``'s figures.
+module returns carries ``cost.predict``'s figures. ``N`` is the number of layers, ``D`` the
+number of devices considered.
 
-Two exact searches and one bounded heuristic share one precomputed ``_Problem``:
+Two exact engines share one precomputed ``_Problem``:
 
 ``_label_dp`` (exact for every objective and every combination of QoE bounds)
     Label-setting DP over states ``(next layer, set of used devices, last device)``. The set is
@@ -13,40 +14,47 @@ Two exact searches and one bounded heuristic share one precomputed ``_Problem``:
     ``L`` (additive), longest stage ``C`` (max), network time ``W`` (a sum on a shared medium, a
     max with per-pair links) and dynamic energy ``E`` (additive); idle power is a function of the
     device set, so it needs no label. Energy per microbatch is then
-    ``max(C, W, 1/rate) * idle(set) + E``, a monotone function of the labels, so dominance
-    pruning is exact. Work is ``O(2^D * D^2 * N^2 * F)`` for ``F`` labels per state: used when
-    that is small (``LABEL_WORK_LIMIT``), e.g. 5 devices x 30 layers.
+    ``max(C, W, 1/rate) * idle(set) + E``, monotone in the labels, so dominance pruning is exact.
+    Work is ``O(2^D * D^2 * N^2 * F)`` for ``F`` labels per state, and ``F`` grows with ``N``:
+    pure Python, for small inputs (``LABEL_WORK_LIMIT``, ``LABEL_TIME_BUDGET_S``).
 
 ``_vector_dp`` (exact for a weighted additive cost under per-element caps)
-    The same state space, vectorised with numpy level by level (level = number of devices
-    used). It minimises ``a*L + b*W_sum + g*E + d*idle`` with every stage time (and, with
-    per-pair links, every transfer) at most ``cap``. The stage cost is separable,
-    ``k_v * (G[j+1] - G[i])`` with prefix FLOPs ``G``, and the stages that fit in memory form a
-    window of start layers, so the inner minimisation is a range-minimum query (sparse table).
-    Work is ``O(2^D * D * N * (D + log N))`` per run (``D^2`` only for per-pair links): about
-    0.1 s for 12 devices x 96 layers.
+    The same state space, vectorised with numpy level by level (level = devices used). It
+    minimises ``a*L + b*W_sum + g*E + d*idle`` with every stage time (and, with per-pair links,
+    every transfer) at most ``cap``. The stage cost is separable, ``k_v * (G[j+1] - G[i])`` with
+    prefix FLOPs ``G``, and the stages that fit in memory form a window of start layers, so the
+    inner minimisation is a range-minimum query (sparse table). Partial plans whose unused
+    devices cannot hold or compute the rest, or (given a threshold) cannot end below it, are
+    dropped. Work is ``O(2^D * D * N * (log N + D))`` per run (the ``D`` term only for per-pair
+    links): 0.05-0.15 s for 12 devices x 96 layers.
 
-``_vector_search`` builds the objectives on top of ``_vector_dp``:
+``_vector_search`` builds the objectives on ``_vector_dp``:
     - ``min_latency``: one run (``a = 1``, ``cap`` from the throughput bound). Exact whenever
       that relaxation's optimum meets the remaining bounds (always without an energy bound, and
       with per-pair links also with a throughput bound); when it misses the latency bound the
-      bound is provably unreachable.
+      bound is provably unreachable. Otherwise Lagrangian repair (a heuristic).
     - ``max_throughput``: binary search over the candidate bottleneck values (every stage time,
-      and every transfer time with per-pair links) with a feasibility run per step: exact. On a
-      shared medium the network term is a sum, so each step minimises ``W`` under the compute
-      cap, and the optimum is ``min(cap_k, W_min(cap_{k-1}))`` around the first feasible
-      ``cap_k`` (``W_min`` does not increase with the cap): exact as well. Ties are broken by
-      latency. With a latency bound it stays exact for per-pair links (minimum latency under a
-      cap is monotone in the cap).
-    - ``min_energy`` (and bounds the above cannot take exactly): energy is
-      ``max(bottleneck, 1/rate) * idle + E``, not additive, so it scans bottleneck caps ``T`` on
-      a geometric grid, each run minimising ``max(T, 1/rate) * idle + E`` under cap ``T``
-      (exact when the best plan is rate-limited, i.e. at ``T = 1/rate``), and repairs violated
-      bounds with Lagrange multipliers. A heuristic, bounded by ``time_limit_s``; the MILP
-      partitioner is the exact tool for those cases at scale.
+      and every transfer time with per-pair links), one run per step, each feasible run jumping
+      to its plan's own bottleneck: exact, ``O(log(D N^2))`` runs. On a shared medium the
+      network term is a sum, so each step minimises ``W`` under the compute cap; the optimum is
+      ``min(cap_k, W_min(cap_{k-1}))`` around the first feasible ``cap_k`` (``W_min`` does not
+      increase with the cap): exact as well. Ties go to the lower latency. With a latency bound
+      it stays exact for per-pair links (the least latency under a cap falls as the cap grows).
+    - ``min_energy``: energy is ``max(bottleneck, 1/rate) * idle + E``, not additive. Branch and
+      bound over intervals of candidate bottlenecks: for plans with bottleneck in ``(lo, hi]``,
+      the least ``max(lo, 1/rate) * idle + E`` under cap ``hi`` is a lower bound, attained on a
+      one-candidate interval with per-pair links; best-first, stopping within ``ENERGY_GAP`` of
+      the optimum. All rate-limited plans (bottleneck <= 1/rate) form one exact leaf, which is
+      why a workload with a request rate plans in one or two runs. On a shared medium the
+      network term is not a candidate value: intervals extend on a fine grid and are bounded
+      with a Lagrangian term on ``W``, so there the result is near-optimal, not proven.
+    QoE bounds the searches cannot take exactly are repaired with Lagrange multipliers (a
+    bounded number of times), so a returned plan always meets them; only optimality is at stake.
 
-``brute_force`` enumerates every split and ordered device assignment (<= 5 devices, <= 8
-layers): the tests' oracle.
+``_solve`` (``strategy="auto"``) runs the vectorised search first; when it cannot prove its
+answer and the input is small, the label DP gets a second, exact try. On the tests' random
+instances (<= 4 devices, <= 7 layers) both ``auto`` and ``labels`` equal ``brute_force``, which
+enumerates every split and ordered device assignment (<= 5 devices, <= 8 layers).
 
 Above ``MAX_EXACT_DEVICES`` devices the search keeps the fastest ones (by GFLOP/s, then
 memory): ``2^D`` states stop being affordable and a slow device rarely belongs in a pipeline
@@ -754,6 +762,8 @@ class _Incumbent:
     tried: set[_Stages] = field(default_factory=set)
     gap: float = ENERGY_GAP
     """Relative optimality gap the energy search may stop at (0 = prove the optimum)."""
+    repairs_left: int = 8
+    """Lagrangian repairs the search may still try: each costs up to ~20 runs."""
 
     def offer(self, stages: _Stages | None) -> _Metrics | None:
         """Consider a candidate plan; returns its metrics (None for no plan)."""
@@ -994,7 +1004,18 @@ def _energy_node(
     if m is None:
         return None
     bound = period * m.idle_w + m.dynamic_j
-    if pb.meets(m, inc.bounds) and m.energy_j <= bound * (1 + 1e-12):
+    bounds = inc.bounds
+    if not _meets(bound, bounds.energy_j):
+        return None  # every plan here needs more than the energy bound
+    if not _meets(m.latency_s, bounds.latency_s):
+        # Prove the latency bound reachable in this interval, or drop the interval.
+        quick = _run(
+            inc, _Weights(latency=1.0), cap, threshold=bounds.latency_s * (1 + BOUND_SLACK)
+        )
+        if quick is None:
+            return None
+        inc.offer(quick)
+    if pb.meets(m, bounds) and m.energy_j <= bound * (1 + 1e-12):
         leaf = True  # the bound is attained by a feasible plan: nothing here does better
     elif pb.shared and m.network_s > period and math.isfinite(cap):
         # On a shared medium the period is often the network's air time, which the bound above
@@ -1048,6 +1069,9 @@ def _repair(
     Returns the best feasible plan found (also offered to the incumbent), or None.
     """
     pb, bounds = inc.pb, inc.bounds
+    if inc.repairs_left <= 0:
+        return None
+    inc.repairs_left -= 1
     net_cap = min(network_cap, bounds.bottleneck_s)
     period = max(m.bottleneck_s, pb.rate_period_s)
 
@@ -1078,7 +1102,7 @@ def _repair(
     )
     best: _Stages | None = None
     lo_s, hi_s = 0.0, base_value
-    for _ in range(24):  # grow the multiplier until the bounds are met
+    for _ in range(14):  # grow the multiplier until the bounds are met
         if time.monotonic() > deadline:
             return None
         stages = _run(inc, base.plus(penalty(hi_s)), cap)
