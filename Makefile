@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	$(PY) scripts/typecheck.py
 
 protos: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from doramesh.agent.catalogue import DeviceClass, get_class
 
+from doramesh.agent.catalogue import DeviceClass, get_class
 from doramesh.types import DeviceProfile, NodeId
 
 _log = structlog.get_logger("agent.profiler")

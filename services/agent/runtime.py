@@ -20,7 +20,7 @@ import torch
 
 from doramesh import models
 from doramesh.agent.pacing import ComputePacer
-from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, create_channel
+from doramesh.channels import create_channel
 from doramesh.errors import (
     DoraMeshError,
     InvalidArgument,
@@ -238,8 +238,7 @@ class StageRuntime:
             from doramesh.errors import Aborted
 
             raise Aborted(
-                f"stage {stage_id!r} runs plan epoch {stage.spec.plan_epoch}, "
-                f"not {plan_epoch}"
+                f"stage {stage_id!r} runs plan epoch {stage.spec.plan_epoch}, not {plan_epoch}"
             )
         return stage
 
@@ -260,7 +259,8 @@ class StageRuntime:
                         f"stage {stage.spec.stage_id} rejected input of shape "
                         f"{tuple(x.shape)} and dtype {x.dtype}: {err}"
                     ) from err
-                return out.detach().to("cpu").contiguous()
+                result: torch.Tensor = out.detach().to("cpu").contiguous()
+                return result
 
         async with self._compute:
             out, seconds = await self.pacer.run(run, stage.gflops_per_sample * batch * scale)

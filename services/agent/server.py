@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-import grpc.aio
 import structlog
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,7 +15,7 @@ from doramesh.agent.profiler import build_profile
 from doramesh.agent.runtime import StageRuntime, WeightCache
 from doramesh.agent.servicer import AgentServicer
 from doramesh.channels import bind, create_server
-from doramesh.discovery import lan_address, Announcer
+from doramesh.discovery import Announcer, lan_address
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2_grpc
 
@@ -33,8 +33,8 @@ class AgentServer:
         self.profile: DeviceProfile | None = None
         self.runtime: StageRuntime | None = None
         # grpc.aio objects bind to the running event loop: made in start(), not here.
-        self._server: grpc.aio.Server = None  # type: ignore[assignment]
-        self._health: health.aio.HealthServicer = None  # type: ignore[assignment]
+        self._server: Any = None
+        self._health: Any = None
         self._announcer: Announcer | None = None
 
     async def start(self) -> str:

@@ -63,7 +63,9 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
     )
 
 
-def _error_frame(header: agent_pb2.ActivationHeader, err: DoraMeshError) -> agent_pb2.ActivationFrame:
+def _error_frame(
+    header: agent_pb2.ActivationHeader, err: DoraMeshError
+) -> agent_pb2.ActivationFrame:
     return agent_pb2.ActivationFrame(
         header=agent_pb2.ActivationHeader(
             stage_id=header.stage_id,

@@ -155,9 +155,7 @@ class Deployer:
         stage = dep.plan.stages[i]
         _, digest = await self.weights.get(StageKey(dep.model, dep.seed, stage.first, stage.last))
         last = i == len(dep.plan.stages) - 1
-        flow = next(
-            (f for f in dep.plan.flows if not last and f.src == stage.devices[0].id), None
-        )
+        flow = next((f for f in dep.plan.flows if not last and f.src == stage.devices[0].id), None)
         request = agent_pb2.LoadStageRequest(
             stage_id=dep.stage_ids[i],
             plan_epoch=dep.plan_epoch,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc.aio
 import structlog
@@ -17,7 +19,7 @@ from doramesh.coordinator.deploy import Deployer
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.servicer import CoordinatorServicer
 from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
-from doramesh.discovery import lan_address, Announcement, Browser
+from doramesh.discovery import Announcement, Browser, lan_address
 from doramesh.errors import DoraMeshError
 from doramesh.types import Network, NodeId
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc
@@ -36,8 +38,8 @@ class CoordinatorServer:
         )
         self.weights = WeightStore(settings.weight_cache_mb << 20)
         # grpc.aio objects bind to the running event loop: made in start(), not here.
-        self._server: grpc.aio.Server = None  # type: ignore[assignment]
-        self._health: health.aio.HealthServicer = None  # type: ignore[assignment]
+        self._server: Any = None
+        self._health: Any = None
         self._browser: Browser | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._watchers: dict[NodeId, asyncio.Task[None]] = {}
@@ -90,8 +92,8 @@ class CoordinatorServer:
         _log.info("coordinator serving", address=self.address, planner=s.planner)
         return self.address
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -111,9 +113,7 @@ class CoordinatorServer:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _admit(
-        self, address: str, *, expect_node_id: str | None, discovered_by: str
-    ) -> bool:
+    async def _admit(self, address: str, *, expect_node_id: str | None, discovered_by: str) -> bool:
         if address in self._admitting:
             return True
         self._admitting.add(address)

@@ -14,11 +14,11 @@ from doramesh import convert
 from doramesh.channels import MAX_MESSAGE_BYTES
 from doramesh.coordinator.deploy import Deployer, Deployment
 from doramesh.coordinator.registry import FleetRegistry
-from doramesh.errors import DoraMeshError, InvalidArgument
+from doramesh.errors import InvalidArgument
 from doramesh.servicing import stream_errors, unary_errors
 from doramesh.tensors import tensor_from_pb, tensor_to_pb
 from doramesh.types import Workload
-from doramesh.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 #: Requests one InferStream may have in flight.
 MAX_STREAM_INFLIGHT = 64
@@ -120,8 +120,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[coordinator_pb2.InferResponse]:
         """Requests are pipelined through the fleet; answers come back in request order."""
-        pending: asyncio.Queue[asyncio.Task[coordinator_pb2.InferResponse] | None] = (
-            asyncio.Queue(MAX_STREAM_INFLIGHT)
+        pending: asyncio.Queue[asyncio.Task[coordinator_pb2.InferResponse] | None] = asyncio.Queue(
+            MAX_STREAM_INFLIGHT
         )
 
         async def feed() -> None:
@@ -160,5 +160,3 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             latency_ms_p50=dep.percentile(0.5),
             latency_ms_p95=dep.percentile(0.95),
         )
-
-

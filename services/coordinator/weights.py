@@ -57,7 +57,9 @@ class WeightStoreServicer(coordinator_pb2_grpc.WeightStoreServicer):
 
     @stream_errors
     async def FetchStage(
-        self, request: coordinator_pb2.FetchStageRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: coordinator_pb2.FetchStageRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[coordinator_pb2.WeightChunk]:
         if request.last < request.first:
             raise InvalidArgument("last layer is before first layer")

@@ -7,7 +7,6 @@ activations travel in ~1 MiB chunks, so a frame never needs more than ``MAX_MESS
 
 from __future__ import annotations
 
-import contextvars
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,10 +44,6 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-
-rpc_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "rpc_context", default={}
-)
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):

@@ -20,7 +20,6 @@ ENV_PREFIX = "DORAMESH_"
 
 
 class _Daemon(Protocol):
-    address: str
 
     async def start(self) -> str: ...
     async def stop(self, grace: float = ...) -> None: ...
@@ -42,24 +41,44 @@ def _env_bool(name: str) -> bool:
     return os.environ.get(ENV_PREFIX + name, "").lower() in {"1", "true", "yes", "on"}
 
 
-def _add(
-    parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any
-) -> None:
+def _add(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
     """A flag whose default comes from $DORAMESH_<env>, documented in --help."""
     parser.add_argument(flag, help=f"{help} [env {ENV_PREFIX}{env}]", **kwargs)
 
 
 def _common_daemon_flags(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--log-level", "LOG_LEVEL", "debug, info, warning or error",
-         default=_env("LOG_LEVEL", "info"))
-    _add(parser, "--log-json", "LOG_JSON", "log JSON lines even on a terminal",
-         action="store_true", default=_env_bool("LOG_JSON"))
-    _add(parser, "--ready-file", "READY_FILE",
-         "write {\"address\": host:port} here once serving (for supervisors and tests)",
-         type=Path, default=_env("READY_FILE", None, Path))
-    _add(parser, "--mdns-interface", "MDNS_INTERFACES",
-         "IPv4 address of an interface mDNS binds to; repeat for several (default: all). "
-         "Comma-separated in the env var", action="append", default=None)
+    _add(
+        parser,
+        "--log-level",
+        "LOG_LEVEL",
+        "debug, info, warning or error",
+        default=_env("LOG_LEVEL", "info"),
+    )
+    _add(
+        parser,
+        "--log-json",
+        "LOG_JSON",
+        "log JSON lines even on a terminal",
+        action="store_true",
+        default=_env_bool("LOG_JSON"),
+    )
+    _add(
+        parser,
+        "--ready-file",
+        "READY_FILE",
+        'write {"address": host:port} here once serving (for supervisors and tests)',
+        type=Path,
+        default=_env("READY_FILE", None, Path),
+    )
+    _add(
+        parser,
+        "--mdns-interface",
+        "MDNS_INTERFACES",
+        "IPv4 address of an interface mDNS binds to; repeat for several (default: all). "
+        "Comma-separated in the env var",
+        action="append",
+        default=None,
+    )
 
 
 def _mdns_interfaces(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -74,67 +93,186 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    agent = sub.add_parser("agent", help="run the agent daemon on a device",
-                           description="Run the agent daemon: measure this device, serve stages, "
-                           "announce itself by mDNS.")
-    _add(agent, "--listen", "AGENT_LISTEN", "host:port the gRPC server binds",
-         default=_env("AGENT_LISTEN", "0.0.0.0:7072"))
-    _add(agent, "--advertise-host", "AGENT_ADVERTISE_HOST",
-         "host peers dial (default: the listen host, or 127.0.0.1 for a wildcard listen)",
-         default=_env("AGENT_ADVERTISE_HOST", ""))
-    _add(agent, "--node-id", "NODE_ID", "stable id of this device (default: hostname + random)",
-         default=_env("NODE_ID", None))
-    _add(agent, "--fleet-id", "FLEET_ID", "fleet this agent belongs to",
-         default=_env("FLEET_ID", ""))
-    _add(agent, "--emulate", "EMULATE",
-         "catalogue device to emulate: paces compute to its speed, reports its memory and power",
-         default=_env("EMULATE", None))
-    _add(agent, "--memory-mb", "MEMORY_MB", "cap on the memory doramesh may use here, MiB",
-         type=int, default=_env("MEMORY_MB", None, int))
-    _add(agent, "--no-announce", "NO_ANNOUNCE", "do not announce by mDNS (static agent lists)",
-         action="store_true", default=_env_bool("NO_ANNOUNCE"))
-    _add(agent, "--cache-dir", "CACHE_DIR", "where fetched stage weights are cached",
-         type=Path, default=_env("CACHE_DIR", Path.home() / ".cache" / "doramesh" / "weights",
-                                 Path))
-    _add(agent, "--measure-s", "MEASURE_S", "seconds spent measuring compute speed at start",
-         type=float, default=_env("MEASURE_S", 0.5, float))
-    _add(agent, "--threads", "THREADS", "torch intra-op threads (0: torch's default)",
-         type=int, default=_env("THREADS", 0, int))
-    _add(agent, "--device", "DEVICE", "torch device for stage compute (cpu, cuda, cuda:0)",
-         default=_env("DEVICE", "cpu"))
+    agent = sub.add_parser(
+        "agent",
+        help="run the agent daemon on a device",
+        description="Run the agent daemon: measure this device, serve stages, "
+        "announce itself by mDNS.",
+    )
+    _add(
+        agent,
+        "--listen",
+        "AGENT_LISTEN",
+        "host:port the gRPC server binds",
+        default=_env("AGENT_LISTEN", "0.0.0.0:7072"),
+    )
+    _add(
+        agent,
+        "--advertise-host",
+        "AGENT_ADVERTISE_HOST",
+        "host peers dial (default: the listen host, or 127.0.0.1 for a wildcard listen)",
+        default=_env("AGENT_ADVERTISE_HOST", ""),
+    )
+    _add(
+        agent,
+        "--node-id",
+        "NODE_ID",
+        "stable id of this device (default: hostname + random)",
+        default=_env("NODE_ID", None),
+    )
+    _add(
+        agent, "--fleet-id", "FLEET_ID", "fleet this agent belongs to", default=_env("FLEET_ID", "")
+    )
+    _add(
+        agent,
+        "--emulate",
+        "EMULATE",
+        "catalogue device to emulate: paces compute to its speed, reports its memory and power",
+        default=_env("EMULATE", None),
+    )
+    _add(
+        agent,
+        "--memory-mb",
+        "MEMORY_MB",
+        "cap on the memory doramesh may use here, MiB",
+        type=int,
+        default=_env("MEMORY_MB", None, int),
+    )
+    _add(
+        agent,
+        "--no-announce",
+        "NO_ANNOUNCE",
+        "do not announce by mDNS (static agent lists)",
+        action="store_true",
+        default=_env_bool("NO_ANNOUNCE"),
+    )
+    _add(
+        agent,
+        "--cache-dir",
+        "CACHE_DIR",
+        "where fetched stage weights are cached",
+        type=Path,
+        default=_env("CACHE_DIR", Path.home() / ".cache" / "doramesh" / "weights", Path),
+    )
+    _add(
+        agent,
+        "--measure-s",
+        "MEASURE_S",
+        "seconds spent measuring compute speed at start",
+        type=float,
+        default=_env("MEASURE_S", 0.5, float),
+    )
+    _add(
+        agent,
+        "--threads",
+        "THREADS",
+        "torch intra-op threads (0: torch's default)",
+        type=int,
+        default=_env("THREADS", 0, int),
+    )
+    _add(
+        agent,
+        "--device",
+        "DEVICE",
+        "torch device for stage compute (cpu, cuda, cuda:0)",
+        default=_env("DEVICE", "cpu"),
+    )
     _common_daemon_flags(agent)
 
-    coord = sub.add_parser("coordinator", help="run the coordinator daemon",
-                           description="Run the coordinator: admit agents, plan, deploy, serve "
-                           "the client API.")
-    _add(coord, "--listen", "COORDINATOR_LISTEN", "host:port the gRPC server binds",
-         default=_env("COORDINATOR_LISTEN", "0.0.0.0:7070"))
-    _add(coord, "--advertise-host", "COORDINATOR_ADVERTISE_HOST",
-         "host agents dial to fetch weights (default: the listen host, or 127.0.0.1)",
-         default=_env("COORDINATOR_ADVERTISE_HOST", ""))
-    _add(coord, "--planner", "PLANNER", "host:port of the planner service",
-         default=_env("PLANNER", "127.0.0.1:7071"))
-    _add(coord, "--agent", "AGENTS",
-         "host:port of an agent to admit without mDNS; repeat for several "
-         "(comma-separated in the env var)", action="append", default=None)
-    _add(coord, "--no-browse", "NO_BROWSE", "do not browse mDNS (static agents only)",
-         action="store_true", default=_env_bool("NO_BROWSE"))
-    _add(coord, "--fleet-id", "FLEET_ID", "admit only agents of this fleet",
-         default=_env("FLEET_ID", ""))
-    _add(coord, "--heartbeat-s", "HEARTBEAT_S", "health-check period per agent, seconds",
-         type=float, default=_env("HEARTBEAT_S", 0.5, float))
-    _add(coord, "--dead-after-s", "DEAD_AFTER_S", "an agent silent this long is dead, seconds",
-         type=float, default=_env("DEAD_AFTER_S", 2.0, float))
-    _add(coord, "--network-mbps", "NETWORK_MBPS", "shared LAN bandwidth the planner assumes",
-         type=float, default=_env("NETWORK_MBPS", 1000.0, float))
-    _add(coord, "--network-latency-ms", "NETWORK_LATENCY_MS", "LAN latency the planner assumes",
-         type=float, default=_env("NETWORK_LATENCY_MS", 0.5, float))
+    coord = sub.add_parser(
+        "coordinator",
+        help="run the coordinator daemon",
+        description="Run the coordinator: admit agents, plan, deploy, serve the client API.",
+    )
+    _add(
+        coord,
+        "--listen",
+        "COORDINATOR_LISTEN",
+        "host:port the gRPC server binds",
+        default=_env("COORDINATOR_LISTEN", "0.0.0.0:7070"),
+    )
+    _add(
+        coord,
+        "--advertise-host",
+        "COORDINATOR_ADVERTISE_HOST",
+        "host agents dial to fetch weights (default: the listen host, or 127.0.0.1)",
+        default=_env("COORDINATOR_ADVERTISE_HOST", ""),
+    )
+    _add(
+        coord,
+        "--planner",
+        "PLANNER",
+        "host:port of the planner service",
+        default=_env("PLANNER", "127.0.0.1:7071"),
+    )
+    _add(
+        coord,
+        "--agent",
+        "AGENTS",
+        "host:port of an agent to admit without mDNS; repeat for several "
+        "(comma-separated in the env var)",
+        action="append",
+        default=None,
+    )
+    _add(
+        coord,
+        "--no-browse",
+        "NO_BROWSE",
+        "do not browse mDNS (static agents only)",
+        action="store_true",
+        default=_env_bool("NO_BROWSE"),
+    )
+    _add(
+        coord,
+        "--fleet-id",
+        "FLEET_ID",
+        "admit only agents of this fleet",
+        default=_env("FLEET_ID", ""),
+    )
+    _add(
+        coord,
+        "--heartbeat-s",
+        "HEARTBEAT_S",
+        "health-check period per agent, seconds",
+        type=float,
+        default=_env("HEARTBEAT_S", 0.5, float),
+    )
+    _add(
+        coord,
+        "--dead-after-s",
+        "DEAD_AFTER_S",
+        "an agent silent this long is dead, seconds",
+        type=float,
+        default=_env("DEAD_AFTER_S", 2.0, float),
+    )
+    _add(
+        coord,
+        "--network-mbps",
+        "NETWORK_MBPS",
+        "shared LAN bandwidth the planner assumes",
+        type=float,
+        default=_env("NETWORK_MBPS", 1000.0, float),
+    )
+    _add(
+        coord,
+        "--network-latency-ms",
+        "NETWORK_LATENCY_MS",
+        "LAN latency the planner assumes",
+        type=float,
+        default=_env("NETWORK_LATENCY_MS", 0.5, float),
+    )
     _common_daemon_flags(coord)
 
-    planner = sub.add_parser("planner", help="run the planner service",
-                             description="Run the stateless planner service.")
-    _add(planner, "--listen", "PLANNER_LISTEN", "host:port the gRPC server binds",
-         default=_env("PLANNER_LISTEN", "0.0.0.0:7071"))
+    planner = sub.add_parser(
+        "planner", help="run the planner service", description="Run the stateless planner service."
+    )
+    _add(
+        planner,
+        "--listen",
+        "PLANNER_LISTEN",
+        "host:port the gRPC server binds",
+        default=_env("PLANNER_LISTEN", "0.0.0.0:7071"),
+    )
     _common_daemon_flags(planner)
 
     health = sub.add_parser("health", help="check a daemon's gRPC health (exit 0 if SERVING)")
@@ -142,29 +280,45 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name ('' = the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds")
 
-    demo = sub.add_parser("demo", help="run the embedded local fleet demo",
-                          description="Start a planner, a coordinator and N agents emulating "
-                          "different devices on loopback, discover them by mDNS, plan, and run "
-                          "distributed inference checked against local execution.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the embedded local fleet demo",
+        description="Start a planner, a coordinator and N agents emulating "
+        "different devices on loopback, discover them by mDNS, plan, and run "
+        "distributed inference checked against local execution.",
+    )
     demo.add_argument("--agents", type=int, default=3, help="number of agents (default 3)")
-    demo.add_argument("--model", action="append", default=None,
-                      help="zoo model to run; repeat for several (default: gpt2-small, resnet18)")
+    demo.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="zoo model to run; repeat for several (default: gpt2-small, resnet18)",
+    )
     demo.add_argument("--requests", type=int, default=5, help="requests per model (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="weights and input seed")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
 
     fleet = sub.add_parser("fleet", help="show the fleet a coordinator sees")
-    fleet.add_argument("--coordinator", default=_env("COORDINATOR", "127.0.0.1:7070"),
-                       help=f"host:port of the coordinator [env {ENV_PREFIX}COORDINATOR]")
+    fleet.add_argument(
+        "--coordinator",
+        default=_env("COORDINATOR", "127.0.0.1:7070"),
+        help=f"host:port of the coordinator [env {ENV_PREFIX}COORDINATOR]",
+    )
     fleet.add_argument("--json", action="store_true", help="print JSON")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     transport = bench_sub.add_parser("transport", help="activation-stream goodput vs raw TCP")
-    transport.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                           help="write the results as JSON to this file")
-    transport.add_argument("--seconds", type=float, default=1.0,
-                           help="measuring time per tensor size (default 1.0)")
+    transport.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the results as JSON to this file",
+    )
+    transport.add_argument(
+        "--seconds", type=float, default=1.0, help="measuring time per tensor size (default 1.0)"
+    )
     return parser
 
 
@@ -269,20 +423,38 @@ def _run_fleet(args: argparse.Namespace) -> int:
         print(f"doramesh fleet: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps([
-            {"id": a.profile.node_id, "class": a.profile.device_class, "state": a.state,
-             "address": a.profile.address, "gflops": a.profile.gflops,
-             "memory_bytes": a.profile.memory_bytes, "discovered_by": a.discovered_by}
-            for a in agents
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": a.profile.node_id,
+                        "class": a.profile.device_class,
+                        "state": a.state,
+                        "address": a.profile.address,
+                        "gflops": a.profile.gflops,
+                        "memory_bytes": a.profile.memory_bytes,
+                        "discovered_by": a.discovered_by,
+                    }
+                    for a in agents
+                ],
+                indent=2,
+            )
+        )
         return 0
     table = Table(title=f"fleet at {args.coordinator}")
     for col in ("agent", "class", "state", "address", "GFLOP/s", "memory MiB", "found by"):
         table.add_column(col)
     for a in agents:
         p = a.profile
-        table.add_row(p.node_id, p.device_class, a.state, p.address, f"{p.gflops:.1f}",
-                      str(p.memory_bytes >> 20), a.discovered_by)
+        table.add_row(
+            p.node_id,
+            p.device_class,
+            a.state,
+            p.address,
+            f"{p.gflops:.1f}",
+            str(p.memory_bytes >> 20),
+            a.discovered_by,
+        )
     Console().print(table)
     return 0
 
@@ -293,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
 
     level = getattr(args, "log_level", "error" if args.command in {"demo", "bench"} else "info")
     configure_logging(level, json=True if getattr(args, "log_json", False) else None)
-    handlers: dict[str, Callable[[argparse.Namespace], int | None | Awaitable[None]]] = {
+    handlers: dict[str, Callable[[argparse.Namespace], int | Awaitable[None] | None]] = {
         "agent": _run_agent,
         "coordinator": _run_coordinator,
         "planner": _run_planner,

@@ -60,8 +60,7 @@ async def _run_model(
         "model": model,
         "plan_epoch": deployment.plan_epoch,
         "stages": [
-            {"layers": [s.first, s.last], "devices": [d.id for d in s.devices]}
-            for s in plan.stages
+            {"layers": [s.first, s.last], "devices": [d.id for d in s.devices]} for s in plan.stages
         ],
         "predicted": {
             "latency_ms": plan.predicted.latency_ms,
@@ -86,8 +85,7 @@ async def demo(n_agents: int, model_names: list[str], requests: int, seed: int) 
         async with AsyncClient(fleet.address, timeout=60) as client:
             agents = await client.fleet()
             results = [
-                await _run_model(client, name, requests=requests, seed=seed)
-                for name in model_names
+                await _run_model(client, name, requests=requests, seed=seed) for name in model_names
             ]
     return {
         "agents": [
@@ -112,13 +110,15 @@ def _print_tables(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=max(Console().width, 120))
-    agents = Table(title=f"fleet: {len(report['agents'])} agents found by mDNS "
-                   f"in {report['fleet_ready_s']} s")
+    agents = Table(
+        title=f"fleet: {len(report['agents'])} agents found by mDNS in {report['fleet_ready_s']} s"
+    )
     for col in ("agent", "emulates", "GFLOP/s", "memory MiB", "found by"):
         agents.add_column(col)
     for a in report["agents"]:
-        agents.add_row(a["id"], a["class"], f"{a['gflops']:.1f}", str(a["memory_mb"]),
-                       a["discovered_by"])
+        agents.add_row(
+            a["id"], a["class"], f"{a['gflops']:.1f}", str(a["memory_mb"]), a["discovered_by"]
+        )
     console.print(agents)
     runs = Table(title="distributed inference vs local execution (float32, same seed)")
     runs.add_column("model")
@@ -127,12 +127,14 @@ def _print_tables(report: dict[str, Any]) -> None:
         runs.add_column(col, justify="right")
     for r in report["inference"]:
         stages = "\n".join(
-            f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}"
-            for s in r["stages"]
+            f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}" for s in r["stages"]
         )
         runs.add_row(
-            r["model"], stages, f"{r['latency_ms_p50']:.1f}",
-            f"{r['predicted']['latency_ms']:.1f}", f"{r['max_abs_diff']:.2e}",
+            r["model"],
+            stages,
+            f"{r['latency_ms_p50']:.1f}",
+            f"{r['predicted']['latency_ms']:.1f}",
+            f"{r['max_abs_diff']:.2e}",
             "yes" if r["matches_local"] else "NO",
         )
     console.print(runs)

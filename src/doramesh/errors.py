@@ -38,7 +38,7 @@ class Status(enum.Enum):
     def grpc_code(self) -> grpc.StatusCode:
         import grpc
 
-        return getattr(grpc.StatusCode, self.name)  # type: ignore[no-any-return]
+        return getattr(grpc.StatusCode, self.name)
 
     @classmethod
     def from_grpc(cls, code: Any) -> Status:

@@ -97,7 +97,9 @@ class JobStatus:
 
 
 def _deployment(pb: coordinator_pb2.Deployment) -> DeploymentView:
-    return DeploymentView(pb.model, pb.plan_epoch, convert.plan_from_pb(pb.plan), pb.status, pb.error)
+    return DeploymentView(
+        pb.model, pb.plan_epoch, convert.plan_from_pb(pb.plan), pb.status, pb.error
+    )
 
 
 def _fleet(pb: coordinator_pb2.FleetView) -> list[AgentView]:
@@ -160,7 +162,9 @@ class Client:
 
     def fleet(self, *, timeout: float | None = None) -> list[AgentView]:
         try:
-            return _fleet(self._stub.Fleet(coordinator_pb2.FleetRequest(), timeout=self._t(timeout)))
+            return _fleet(
+                self._stub.Fleet(coordinator_pb2.FleetRequest(), timeout=self._t(timeout))
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

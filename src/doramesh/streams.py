@@ -51,9 +51,9 @@ class PeerLink:
         self.bucket = bucket
         self._max_tensor_bytes = max_tensor_bytes
         self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall[
-            agent_pb2.ActivationFrame, agent_pb2.ActivationFrame
-        ] | None = None
+        self._call: (
+            grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame] | None
+        ) = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[StageResult]] = {}
         self._ids = itertools.count(1)

@@ -32,7 +32,9 @@ async def _raw_infer(fleet: LocalFleet, tensor: common_pb2.Tensor) -> grpc.aio.A
     async with create_channel(fleet.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Infer(coordinator_pb2.InferRequest(model="mlp-tiny", input=tensor), timeout=10)
+            await stub.Infer(
+                coordinator_pb2.InferRequest(model="mlp-tiny", input=tensor), timeout=10
+            )
     return info.value
 
 
@@ -144,8 +146,9 @@ async def test_unknown_stage_is_answered_per_microbatch(fleet: LocalFleet) -> No
     from doramesh.tensors import iter_frames
 
     x = torch.zeros(1, 64)
-    frames = list(iter_frames(x, stage_id="no-such-stage", plan_epoch=1, request_id="r",
-                              microbatch_id=9))
+    frames = list(
+        iter_frames(x, stage_id="no-such-stage", plan_epoch=1, request_id="r", microbatch_id=9)
+    )
     async with create_channel(fleet.agents[0].address) as channel:
         call = agent_pb2_grpc.AgentStub(channel).Forward(iter(frames), timeout=10)
         replies = [frame async for frame in call]

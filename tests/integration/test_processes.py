@@ -65,8 +65,7 @@ def test_a_killed_agent_is_noticed_within_seconds(processes: SubprocessFleet) ->
     with Client(address, timeout=10) as client:
         wait_for(
             lambda: any(
-                a.profile.node_id.endswith("-2") and a.state == "dead"
-                for a in client.fleet()
+                a.profile.node_id.endswith("-2") and a.state == "dead" for a in client.fleet()
             ),
             10,
         )
@@ -108,8 +107,12 @@ def test_compose_commands_start_and_serve(tmp_path: Path) -> None:
         )
         log = (tmp_path / f"{name}.log").open("wb")
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "doramesh", *argv[1:]], env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, "-m", "doramesh", *argv[1:]],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         )
         wait_for(ready.exists, 60)
         import json
@@ -118,18 +121,29 @@ def test_compose_commands_start_and_serve(tmp_path: Path) -> None:
 
     try:
         planner = start("planner", {"DORAMESH_PLANNER_LISTEN": f"127.0.0.1:{ports['planner']}"})
-        agent = start("agent", {"DORAMESH_AGENT_LISTEN": "127.0.0.1:0",
-                                "DORAMESH_NODE_ID": "compose-agent",
-                                "DORAMESH_EMULATE": "raspberry-pi-5"})
-        coordinator = start("coordinator", {
-            "DORAMESH_COORDINATOR_LISTEN": "127.0.0.1:0",
-            "DORAMESH_PLANNER": planner,
-        })
+        agent = start(
+            "agent",
+            {
+                "DORAMESH_AGENT_LISTEN": "127.0.0.1:0",
+                "DORAMESH_NODE_ID": "compose-agent",
+                "DORAMESH_EMULATE": "raspberry-pi-5",
+            },
+        )
+        coordinator = start(
+            "coordinator",
+            {
+                "DORAMESH_COORDINATOR_LISTEN": "127.0.0.1:0",
+                "DORAMESH_PLANNER": planner,
+            },
+        )
         for name in ("planner", "agent", "coordinator"):
             health = services[name]["healthcheck"]["test"]  # type: ignore[index]
             argv = list(health[2:])  # type: ignore[index]
-            argv[argv.index("--address") + 1] = {"planner": planner, "agent": agent,
-                                                  "coordinator": coordinator}[name]
+            argv[argv.index("--address") + 1] = {
+                "planner": planner,
+                "agent": agent,
+                "coordinator": coordinator,
+            }[name]
             subprocess.run([sys.executable, "-m", "doramesh", *argv], check=True, timeout=30)
         with Client(coordinator, timeout=30) as client:
             wait_for(lambda: len(client.fleet()) == 1, 30)

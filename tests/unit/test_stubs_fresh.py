@@ -17,8 +17,7 @@ def test_regenerated_stubs_match_the_committed_ones(tmp_path: Path) -> None:
     )
     fresh = {p.name: p.read_bytes() for p in (tmp_path / "doramesh" / "v1").glob("*.py*")}
     committed = {
-        p.name: p.read_bytes()
-        for p in (ROOT / "src" / "doramesh" / "v1").glob("*_pb2*.py*")
+        p.name: p.read_bytes() for p in (ROOT / "src" / "doramesh" / "v1").glob("*_pb2*.py*")
     }
     assert fresh.keys() == committed.keys()
     stale = [name for name in fresh if fresh[name] != committed[name]]
