@@ -12,6 +12,7 @@ import grpc.aio
 import structlog
 import torch
 
+from doramesh import models
 from doramesh.agent.runtime import StageRuntime, StageSpec
 from doramesh.channels import CHUNK_BYTES
 from doramesh.convert import profile_to_pb
@@ -35,6 +36,7 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
         raise InvalidArgument(f"stage_id {req.stage_id!r} is not a valid id")
     if not req.model:
         raise InvalidArgument("model is required")
+    models.require_served(req.model)
     if req.last < req.first:
         raise InvalidArgument(f"last layer {req.last} is before first layer {req.first}")
     if not re.fullmatch(r"[0-9a-f]{64}", req.weights_digest):

@@ -114,7 +114,7 @@ class Deployer:
         planner: str = "doramesh",
         timeout_s: float = DEFAULT_RPC_TIMEOUT_S * 4,
     ) -> Deployment:
-        models.get_spec(model)  # NotFound before any work for an unknown model
+        models.require_served(model)  # NotFound before any work for an unknown model
         qoe = qoe or QoESpec(objective="max_throughput")
         workload = workload or Workload()
         async with self._lock:
@@ -192,7 +192,7 @@ class Deployer:
         await self._unload(dep)
 
     def get(self, model: str) -> Deployment:
-        models.get_spec(model)
+        models.require_served(model)
         dep = self.deployments.get(model)
         if dep is None or dep.status != "ready":
             raise FailedPrecondition(f"model {model!r} is not deployed; call Deploy first")

@@ -61,6 +61,7 @@ class WeightStoreServicer(coordinator_pb2_grpc.WeightStoreServicer):
         request: coordinator_pb2.FetchStageRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[coordinator_pb2.WeightChunk]:
+        models.require_served(request.model)
         if request.last < request.first:
             raise InvalidArgument("last layer is before first layer")
         key = StageKey(request.model, request.seed, request.first, request.last)

@@ -81,6 +81,20 @@ def _common_daemon_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_import_flag(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--model-import", "MODEL_IMPORTS",
+         "serve a user model, 'package.module:factory'; repeat for several (comma-separated "
+         "in the env var). The same path must be given to the coordinator and the agents",
+         action="append", default=None)
+
+
+def _register_model_imports(args: argparse.Namespace) -> None:
+    from doramesh import models
+
+    for path in args.model_import or _env_list("MODEL_IMPORTS"):
+        models.resolve(path)
+
+
 def _mdns_interfaces(args: argparse.Namespace) -> tuple[str, ...] | None:
     items = args.mdns_interface or _env_list("MDNS_INTERFACES")
     return tuple(items) if items else None
@@ -177,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torch device for stage compute (cpu, cuda, cuda:0)",
         default=_env("DEVICE", "cpu"),
     )
+    _model_import_flag(agent)
     _common_daemon_flags(agent)
 
     coord = sub.add_parser(
@@ -261,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_env("NETWORK_LATENCY_MS", 0.5, float),
     )
+    _model_import_flag(coord)
     _common_daemon_flags(coord)
 
     planner = sub.add_parser(
@@ -345,6 +361,7 @@ def _run_agent(args: argparse.Namespace) -> None:
     from doramesh.agent.config import AgentSettings, default_node_id
     from doramesh.agent.server import AgentServer
 
+    _register_model_imports(args)
     settings = AgentSettings(
         listen=args.listen,
         advertise_host=args.advertise_host,
@@ -366,6 +383,7 @@ def _run_coordinator(args: argparse.Namespace) -> None:
     from doramesh.coordinator.config import CoordinatorSettings
     from doramesh.coordinator.server import CoordinatorServer
 
+    _register_model_imports(args)
     static = tuple(args.agent or _env_list("AGENTS"))
     settings = CoordinatorSettings(
         listen=args.listen,

@@ -190,3 +190,13 @@ async def test_oversized_message_is_refused_by_the_limit(fleet: LocalFleet) -> N
         await client.infer("mlp-tiny", huge)
     await _still_serves(client)
     await client.close()
+
+
+async def test_import_paths_from_the_network_are_refused(fleet: LocalFleet) -> None:
+    """A model name that is an import path would run arbitrary code on the agents."""
+    from doramesh.errors import NotFound
+
+    async with AsyncClient(fleet.address, timeout=10) as client:
+        with pytest.raises(NotFound, match="import paths are not accepted"):
+            await client.deploy("os:system")
+        assert len(await client.fleet()) == 3

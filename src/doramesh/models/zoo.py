@@ -109,6 +109,25 @@ def resolve(name: str) -> ModelFactory:
         return _factories.setdefault(name, factory)
 
 
+def require_served(name: str) -> None:
+    """Refuse a model name that came over the network unless it is in the zoo or was registered
+    by this process (``register``, or ``--model-import`` at daemon start).
+
+    An import path from a remote request would import arbitrary code on this device, so the
+    network may only name models the operator already chose.
+    """
+    with _lock:
+        known = name in _ZOO or name in _factories
+    if not known:
+        hint = (
+            " (import paths are not accepted over the network: start the daemons with "
+            "--model-import PATH)"
+            if ":" in name
+            else ""
+        )
+        raise NotFound(f"unknown model {name!r}{hint}; known: {', '.join(names())}")
+
+
 def get_spec(name: str) -> ModelSpec:
     return resolve(name).spec
 
