@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from doramesh.agent.catalogue import CATALOGUE, DeviceClass, get_class
 
+from doramesh.agent.catalogue import CATALOGUE, DeviceClass, get_class
 from doramesh.errors import NotFound, Status
 
 REQUIRED = (

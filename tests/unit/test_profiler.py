@@ -10,6 +10,7 @@ from typing import TypedDict
 import pytest
 import structlog
 import torch
+
 from doramesh.agent import profiler
 from doramesh.agent.catalogue import get_class
 from doramesh.agent.pacing import ComputePacer
@@ -20,7 +21,6 @@ from doramesh.agent.profiler import (
     power_model,
     usable_memory_bytes,
 )
-
 from doramesh.errors import NotFound
 
 MIB = 1 << 20

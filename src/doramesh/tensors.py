@@ -1,0 +1,342 @@
+"""The tensor codec: torch tensors to and from raw bytes plus validated dtype and shape.
+
+Nothing remote is unpickled. A tensor travels as ``TensorMeta`` (dtype name, shape, byte length)
+and little-endian, C-order bytes; a receiver checks the metadata against its limits before it
+allocates anything, and checks the bytes against the metadata before it builds a tensor. Every
+refusal is an ``InvalidArgument`` (malformed) or ``ResourceExhausted`` (too big, too many), which
+servicers turn into a gRPC status, so a bad peer costs one stream, never the process.
+
+Large activations travel as one header frame then ~1 MiB chunk frames (``iter_frames``), and are
+put back together by ``FrameAssembler``. Copies are kept to what protobuf forces: the sender
+slices chunks straight out of the tensor's memory; the receiver copies each chunk once into a
+buffer allocated when the header arrives.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from doramesh.channels import CHUNK_BYTES
+from doramesh.errors import InvalidArgument, ResourceExhausted
+from doramesh.v1 import agent_pb2, common_pb2
+
+# The wire format is little-endian and the codec hands tensor memory to the wire as is. Every
+# device doramesh targets (x86-64, ARM phones, Jetsons, Raspberry Pis) is little-endian; refusing
+# to load elsewhere is better than silently sending byte-swapped activations.
+if sys.byteorder != "little":  # pragma: no cover - no big-endian target exists
+    raise ImportError("doramesh.tensors supports little-endian hosts only")
+
+#: The wire names of the dtypes doramesh carries. Complex and quantized types are left out on
+#: purpose: no model in the zoo exchanges them, and every name here is a name a peer must accept.
+DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+        "int64": torch.int64,
+        "int32": torch.int32,
+        "int16": torch.int16,
+        "int8": torch.int8,
+        "uint8": torch.uint8,
+        "bool": torch.bool,
+    }
+)
+_NAMES: Mapping[torch.dtype, str] = MappingProxyType({v: k for k, v in DTYPES.items()})
+_EXPECTED_NAMES = ", ".join(sorted(DTYPES))
+
+#: Most dimensions a received tensor may have. Activations have at most 4 or 5; the bound keeps a
+#: hostile shape from costing time and keeps error messages short.
+MAX_DIMS = 8
+#: torch sizes, strides and byte counts are int64.
+_INT64_MAX = (1 << 63) - 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of ``dtype``; ``InvalidArgument`` for a dtype the wire does not carry."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise InvalidArgument(
+            f"dtype {dtype} cannot be sent; expected one of {_EXPECTED_NAMES}"
+        ) from None
+
+
+def meta_of(t: torch.Tensor) -> common_pb2.TensorMeta:
+    """The wire metadata of ``t`` (its bytes are ``numel * itemsize``, C order)."""
+    return common_pb2.TensorMeta(
+        dtype=dtype_name(t.dtype),
+        shape=list(t.shape),
+        byte_length=t.numel() * t.element_size(),
+    )
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A flat, read-only view of ``t``'s bytes in C order, without copying when it can.
+
+    A tensor on an accelerator, or a non-contiguous one, is copied once (unavoidable); a
+    contiguous CPU tensor is viewed in place. Viewing as uint8 is how bfloat16, which numpy
+    lacks, gets to bytes. The caller must not modify ``t`` while the view is in use.
+    """
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return flat.view(torch.uint8).numpy().data.toreadonly()
+
+
+def tensor_to_pb(t: torch.Tensor) -> common_pb2.Tensor:
+    """``t`` as one message (client API, small tensors); large tensors go by ``iter_frames``."""
+    meta = meta_of(t)
+    return common_pb2.Tensor(meta=meta, data=_byte_view(t).tobytes())
+
+
+def validate_meta(
+    meta: common_pb2.TensorMeta,
+    *,
+    max_bytes: int,
+    expect_shape: tuple[int | None, ...] | None = None,
+    expect_dtype: str | None = None,
+) -> tuple[torch.dtype, tuple[int, ...]]:
+    """Checks received metadata before anything is allocated; returns the dtype and shape.
+
+    ``expect_shape`` may hold ``None`` for a free dimension (e.g. the batch). Malformed or
+    unexpected metadata raises ``InvalidArgument``; a tensor over ``max_bytes`` raises
+    ``ResourceExhausted``.
+    """
+    dtype = DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"unknown dtype {meta.dtype!r}; expected one of {_EXPECTED_NAMES}")
+    if expect_dtype is not None and meta.dtype != expect_dtype:
+        raise InvalidArgument(f"dtype {meta.dtype!r} does not match the expected {expect_dtype!r}")
+    if len(meta.shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"tensor has {len(meta.shape)} dimensions; at most {MAX_DIMS} are accepted"
+        )
+    shape = tuple(int(d) for d in meta.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"shape {list(shape)} has a negative dimension")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    # torch computes strides from the non-zero sizes, so a shape like (0, 2**62, 2**62) holds no
+    # element yet still cannot be built; bounding this product keeps every later step in int64.
+    span = itemsize
+    for d in shape:
+        numel *= d
+        span *= max(d, 1)
+        if span > _INT64_MAX:
+            raise InvalidArgument(f"shape {list(shape)} overflows a 64-bit element count")
+    expected_bytes = numel * itemsize
+    if meta.byte_length != expected_bytes:
+        raise InvalidArgument(
+            f"byte_length {meta.byte_length} does not match shape {list(shape)} of {meta.dtype}: "
+            f"expected {expected_bytes} bytes ({numel} elements x {itemsize} bytes)"
+        )
+    if expected_bytes > max_bytes:
+        raise ResourceExhausted(
+            f"tensor of {expected_bytes} bytes exceeds the {max_bytes}-byte limit"
+        )
+    if expect_shape is not None and (
+        len(expect_shape) != len(shape)
+        or any(e is not None and e != d for e, d in zip(expect_shape, shape, strict=True))
+    ):
+        wanted = ", ".join("*" if e is None else str(e) for e in expect_shape)
+        raise InvalidArgument(f"shape {list(shape)} does not match the expected [{wanted}]")
+    return dtype, shape
+
+
+def _allocate(byte_length: int) -> tuple[torch.Tensor, memoryview]:
+    """An uninitialised byte tensor the receiver owns, and a writable view to copy chunks into.
+
+    ``torch.empty`` rather than ``bytearray(n)``: the bytes are overwritten anyway, so zero-filling
+    them first would be a wasted pass over the largest buffers in the system.
+    """
+    raw = torch.empty(byte_length, dtype=torch.uint8)
+    return raw, raw.numpy().data
+
+
+def _finish(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Reinterprets received bytes as ``dtype`` and ``shape``."""
+    if raw.numel() == 0:
+        return torch.empty(shape, dtype=dtype)
+    if dtype == torch.bool:
+        # A peer may send any byte in a bool tensor; torch assumes 0 or 1, so normalise (masks are
+        # small, the copy is cheap) rather than hand out a tensor with undefined behaviour.
+        return raw.ne(0).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def tensor_from_pb(msg: common_pb2.Tensor, *, max_bytes: int) -> torch.Tensor:
+    """The tensor in ``msg``, validated; it owns its memory (no view of the message)."""
+    dtype, shape = validate_meta(msg.meta, max_bytes=max_bytes)
+    data = msg.data
+    if len(data) != msg.meta.byte_length:
+        raise InvalidArgument(
+            f"tensor data has {len(data)} bytes but its meta says {msg.meta.byte_length}"
+        )
+    raw, view = _allocate(len(data))
+    view[:] = data
+    return _finish(raw, dtype, shape)
+
+
+def iter_frames(
+    t: torch.Tensor,
+    *,
+    stage_id: str,
+    plan_epoch: int,
+    request_id: str,
+    microbatch_id: int,
+    chunk_bytes: int = CHUNK_BYTES,
+    **header_extra: str | int | float,
+) -> Iterator[agent_pb2.ActivationFrame]:
+    """One microbatch's frames: a header, then chunks covering the bytes in order.
+
+    Chunks are sliced out of the tensor's memory as they are needed, so each byte is copied once
+    on its way into protobuf and the whole tensor is never duplicated; ``t`` must therefore not be
+    modified until the iterator is exhausted. ``header_extra`` sets further header fields
+    (``compute_ms``, ``error``, ``error_code``). A zero-byte tensor is a header alone.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, not {chunk_bytes}")
+    meta = meta_of(t)
+    view = _byte_view(t)
+    yield agent_pb2.ActivationFrame(
+        header=agent_pb2.ActivationHeader(
+            stage_id=stage_id,
+            plan_epoch=plan_epoch,
+            request_id=request_id,
+            microbatch_id=microbatch_id,
+            meta=meta,
+            **header_extra,  # type: ignore[arg-type]
+        )
+    )
+    for offset in range(0, len(view), chunk_bytes):
+        yield agent_pb2.ActivationFrame(
+            chunk=agent_pb2.ActivationChunk(
+                microbatch_id=microbatch_id,
+                offset=offset,
+                data=view[offset : offset + chunk_bytes].tobytes(),
+            )
+        )
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A microbatch whose header has arrived and whose bytes are still coming."""
+
+    header: agent_pb2.ActivationHeader
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    raw: torch.Tensor
+    view: memoryview
+    received: int = 0
+
+
+class FrameAssembler:
+    """Puts microbatches back together from one stream's frames, refusing anything malformed.
+
+    Memory is bounded before it is spent: a header is checked against ``max_tensor_bytes`` before
+    its buffer is allocated, at most ``max_pending`` microbatches may be incomplete at once, and
+    no chunk may exceed ``max_chunk_bytes``. So one stream holds at most
+    ``max_pending * max_tensor_bytes`` bytes. A refused frame drops the microbatch it belongs to,
+    so a caller that chooses to keep the stream open does not keep its half-filled buffer.
+    """
+
+    def __init__(
+        self, max_tensor_bytes: int, max_chunk_bytes: int = CHUNK_BYTES, max_pending: int = 64
+    ) -> None:
+        if max_tensor_bytes < 0 or max_chunk_bytes <= 0 or max_pending <= 0:
+            raise ValueError("FrameAssembler limits must be positive")
+        self.max_tensor_bytes = max_tensor_bytes
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_pending = max_pending
+        self._pending: dict[int, _Pending] = {}
+
+    def __len__(self) -> int:
+        """Microbatches whose header has arrived but not all of their bytes."""
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes allocated for incomplete microbatches."""
+        return sum(p.raw.numel() for p in self._pending.values())
+
+    def discard(self, microbatch_id: int) -> bool:
+        """Forgets an incomplete microbatch (e.g. its sender failed); True if there was one."""
+        return self._pending.pop(microbatch_id, None) is not None
+
+    def feed(
+        self, frame: agent_pb2.ActivationFrame
+    ) -> tuple[agent_pb2.ActivationHeader, torch.Tensor] | None:
+        """Takes one frame; returns the header and tensor once a microbatch is complete."""
+        kind = frame.WhichOneof("kind")
+        if kind == "header":
+            return self._on_header(frame.header)
+        if kind == "chunk":
+            return self._on_chunk(frame.chunk)
+        raise InvalidArgument("activation frame carries neither a header nor a chunk")
+
+    def _on_header(
+        self, header: agent_pb2.ActivationHeader
+    ) -> tuple[agent_pb2.ActivationHeader, torch.Tensor] | None:
+        mb = header.microbatch_id
+        if mb in self._pending:
+            # Dropping the half-built microbatch too: its sender is confused, and keeping the
+            # buffer would let a peer pin memory with headers alone.
+            del self._pending[mb]
+            raise InvalidArgument(
+                f"duplicate header for microbatch {mb}, which is still being assembled"
+            )
+        if not header.HasField("meta"):
+            raise InvalidArgument(f"header for microbatch {mb} has no tensor meta")
+        dtype, shape = validate_meta(header.meta, max_bytes=self.max_tensor_bytes)
+        if header.meta.byte_length == 0:
+            return header, torch.empty(shape, dtype=dtype)
+        if len(self._pending) >= self.max_pending:
+            raise ResourceExhausted(
+                f"more than {self.max_pending} microbatches in flight on one stream"
+            )
+        raw, view = _allocate(header.meta.byte_length)
+        self._pending[mb] = _Pending(header=header, dtype=dtype, shape=shape, raw=raw, view=view)
+        return None
+
+    def _on_chunk(
+        self, chunk: agent_pb2.ActivationChunk
+    ) -> tuple[agent_pb2.ActivationHeader, torch.Tensor] | None:
+        mb = chunk.microbatch_id
+        pending = self._pending.get(mb)
+        if pending is None:
+            raise InvalidArgument(f"chunk for microbatch {mb}, which has no header in flight")
+        data = chunk.data
+        size = len(data)
+        total = pending.raw.numel()
+        try:
+            if size > self.max_chunk_bytes:
+                raise ResourceExhausted(
+                    f"chunk of {size} bytes exceeds the {self.max_chunk_bytes}-byte limit"
+                )
+            if size == 0:
+                raise InvalidArgument(f"empty chunk for microbatch {mb}")
+            if chunk.offset != pending.received:
+                raise InvalidArgument(
+                    f"chunk for microbatch {mb} at offset {chunk.offset}, expected offset "
+                    f"{pending.received}: chunks must arrive in order without gaps or overlaps"
+                )
+            if chunk.offset + size > total:
+                raise InvalidArgument(
+                    f"chunk for microbatch {mb} covers bytes [{chunk.offset}, "
+                    f"{chunk.offset + size}), past the tensor's {total} bytes"
+                )
+        except (InvalidArgument, ResourceExhausted):
+            del self._pending[mb]
+            raise
+        pending.view[pending.received : pending.received + size] = data
+        pending.received += size
+        if pending.received < total:
+            return None
+        del self._pending[mb]
+        return pending.header, _finish(pending.raw, pending.dtype, pending.shape)
