@@ -869,12 +869,13 @@ def _search_max_throughput(inc: _Incumbent, deadline: float) -> None:
 
     top = len(candidates) - 1
     found, lean = feasible(top)
-    if found is None:
-        inc.exact = exact
-        return
     lo_i, hi_i = -1, top  # invariant: infeasible at lo_i (or below the range), feasible at hi_i
     below_lean: _Stages | None = None
-    hi_i = min(hi_i, int(np.searchsorted(candidates, pb.metrics(found).bottleneck_s, "left")))
+    if found is None:
+        # Only a shared medium's network-bound plans remain (already offered), or none.
+        lo_i = hi_i
+    else:
+        hi_i = min(hi_i, int(np.searchsorted(candidates, pb.metrics(found).bottleneck_s, "left")))
     while hi_i - lo_i > 1 and time.monotonic() < deadline:
         mid = (lo_i + hi_i) // 2
         found, lean = feasible(mid)
@@ -1361,7 +1362,8 @@ def _explain(pb: _Problem, qoe: QoESpec, bounds: _Bounds, deadline: float, fleet
     if qoe.energy_j_per_sample:
         checks.append(("min_energy", "energy_j_per_sample"))
     for objective, name in checks:
-        stages, _, _ = _solve(pb, objective, relaxed, "auto", max(deadline, time.monotonic() + 5))
+        # A little past the deadline is worth a precise explanation.
+        stages, _, _ = _solve(pb, objective, relaxed, "auto", max(deadline, time.monotonic() + 1))
         if stages is None:
             continue
         m = pb.metrics(stages)
