@@ -29,7 +29,7 @@ from doramesh.errors import (
     Unavailable,
     error_for,
 )
-from doramesh.streams import PeerLink
+from doramesh.streams import PeerLink, Replica
 from doramesh.tokenbucket import TokenBucket
 from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -41,6 +41,8 @@ MAX_STAGE_WEIGHT_BYTES = 8 << 30
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
+    """What the coordinator asked this agent to hold (one replica of one stage)."""
+
     stage_id: str
     plan_epoch: int
     model: str
@@ -49,10 +51,16 @@ class StageSpec:
     last: int
     weights_digest: str
     weights_source: str
-    next_address: str
-    next_stage_id: str
-    rate_mbps: float
-    burst_kb: float
+    next: tuple[NextHopSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NextHopSpec:
+    address: str
+    stage_id: str
+    share: float
+    rate_mbps: float = 0.0
+    burst_kb: float = 0.0
 
 
 @dataclass(slots=True)
@@ -64,10 +72,15 @@ class LoadedStage:
     #: Bytes of one sample of this stage's input at the profiled shape; an input of another
     #: size (a shorter sequence, a smaller image) scales the paced compute time with it.
     input_bytes_per_sample: int
-    next_link: PeerLink | None
+    next: list[Replica]
     served: int = 0
     compute_s: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+async def _close_links(stage: LoadedStage) -> None:
+    for replica in stage.next:
+        await replica.link.close()
 
 
 class WeightCache:
@@ -189,12 +202,21 @@ class StageRuntime:
             module = await asyncio.to_thread(
                 models.load_stage, spec.model, spec.first, spec.last, data, device=self.device
             )
-            next_link = None
-            if spec.next_address:
-                bucket = None
-                if spec.rate_mbps > 0:
-                    bucket = TokenBucket(spec.rate_mbps * 1e6 / 8, max(spec.burst_kb, 64) * 1e3)
-                next_link = PeerLink(spec.next_address, bucket=bucket)
+            next_replicas = [
+                Replica(
+                    PeerLink(
+                        hop.address,
+                        bucket=(
+                            TokenBucket(hop.rate_mbps * 1e6 / 8, max(hop.burst_kb, 64) * 1e3)
+                            if hop.rate_mbps > 0
+                            else None
+                        ),
+                    ),
+                    hop.stage_id,
+                    hop.share,
+                )
+                for hop in spec.next
+            ]
             stage = LoadedStage(
                 spec=spec,
                 module=module,
@@ -205,10 +227,10 @@ class StageRuntime:
                     if spec.first == 0
                     else table.layers[spec.first - 1].activation_bytes
                 ),
-                next_link=next_link,
+                next=next_replicas,
             )
-            if old is not None and old.next_link is not None:
-                await old.next_link.close()
+            if old is not None:
+                await _close_links(old)
             self.stages[spec.stage_id] = stage
         elapsed = time.perf_counter() - start
         _log.info(
@@ -226,8 +248,7 @@ class StageRuntime:
         stage = self.stages.pop(stage_id, None)
         if stage is None:
             return False
-        if stage.next_link is not None:
-            await stage.next_link.close()
+        await _close_links(stage)
         return True
 
     def get(self, stage_id: str, plan_epoch: int) -> LoadedStage:

@@ -13,12 +13,12 @@ import structlog
 import torch
 
 from doramesh import models
-from doramesh.agent.runtime import StageRuntime, StageSpec
+from doramesh.agent.runtime import NextHopSpec, StageRuntime, StageSpec
 from doramesh.channels import CHUNK_BYTES
 from doramesh.convert import profile_to_pb
 from doramesh.errors import DoraMeshError, InvalidArgument
 from doramesh.servicing import unary_errors
-from doramesh.streams import MAX_TENSOR_BYTES
+from doramesh.streams import MAX_TENSOR_BYTES, fan_out
 from doramesh.tensors import FrameAssembler, iter_frames
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -29,6 +29,8 @@ _ID = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:\d{1,5}$")
 #: Microbatches one upstream stream may have in flight on this agent.
 MAX_INFLIGHT_PER_STREAM = 32
+#: Replicas of one next stage an agent may fan out to.
+MAX_NEXT_HOPS = 64
 
 
 def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
@@ -43,12 +45,17 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
         raise InvalidArgument("weights_digest must be a sha256 hex digest")
     if not _ADDRESS.match(req.weights_source):
         raise InvalidArgument(f"weights_source {req.weights_source!r} is not host:port")
-    if req.next_address and not _ADDRESS.match(req.next_address):
-        raise InvalidArgument(f"next_address {req.next_address!r} is not host:port")
-    if req.next_address and not _ID.match(req.next_stage_id):
-        raise InvalidArgument("next_stage_id is required with next_address")
-    if req.rate_mbps < 0 or req.burst_kb < 0:
-        raise InvalidArgument("rate_mbps and burst_kb must be non-negative")
+    if len(req.next) > MAX_NEXT_HOPS:
+        raise InvalidArgument(f"at most {MAX_NEXT_HOPS} next hops, got {len(req.next)}")
+    for i, hop in enumerate(req.next):
+        if not _ADDRESS.match(hop.address):
+            raise InvalidArgument(f"next[{i}].address {hop.address!r} is not host:port")
+        if not _ID.match(hop.stage_id):
+            raise InvalidArgument(f"next[{i}].stage_id {hop.stage_id!r} is not a valid id")
+        if not (0 < hop.share <= 1):
+            raise InvalidArgument(f"next[{i}].share must be in (0, 1], got {hop.share}")
+        if hop.rate_mbps < 0 or hop.burst_kb < 0:
+            raise InvalidArgument(f"next[{i}]: rate_mbps and burst_kb must be non-negative")
     return StageSpec(
         stage_id=req.stage_id,
         plan_epoch=req.plan_epoch,
@@ -58,10 +65,9 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
         last=req.last,
         weights_digest=req.weights_digest,
         weights_source=req.weights_source,
-        next_address=req.next_address,
-        next_stage_id=req.next_stage_id,
-        rate_mbps=req.rate_mbps,
-        burst_kb=req.burst_kb,
+        next=tuple(
+            NextHopSpec(h.address, h.stage_id, h.share, h.rate_mbps, h.burst_kb) for h in req.next
+        ),
     )
 
 
@@ -131,10 +137,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 stage = self.runtime.get(header.stage_id, header.plan_epoch)
                 y, seconds = await self.runtime.compute(stage, x)
                 compute_ms = seconds * 1e3
-                if stage.next_link is not None:
-                    result = await stage.next_link.send(
+                if stage.next:
+                    result = await fan_out(
+                        stage.next,
                         y,
-                        stage_id=stage.spec.next_stage_id,
                         plan_epoch=stage.spec.plan_epoch,
                         request_id=header.request_id,
                     )

@@ -19,13 +19,23 @@ from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, create_channel
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.weights import StageKey, WeightStore
 from doramesh.errors import DoraMeshError, FailedPrecondition, InvalidArgument, error_for
-from doramesh.streams import PeerLink, StageResult
-from doramesh.types import Network, Plan, QoESpec, Workload
+from doramesh.streams import PeerLink, Replica, StageResult, fan_out
+from doramesh.types import Network, NodeId, Plan, QoESpec, Workload
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, planner_pb2, planner_pb2_grpc
 
 _log = structlog.get_logger("coordinator.deploy")
 
 DeploymentStatus = Literal["deploying", "ready", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRef:
+    """Where one replica of one stage of a deployment lives."""
+
+    stage_id: str
+    device: NodeId
+    address: str
+    share: float
 
 
 @dataclass(slots=True)
@@ -34,11 +44,11 @@ class Deployment:
     seed: int
     plan_epoch: int
     plan: Plan
-    stage_ids: list[str]
-    addresses: list[str]
+    #: Per stage, its replicas.
+    replicas: list[list[ReplicaRef]]
     status: DeploymentStatus = "deploying"
     error: str = ""
-    entry: PeerLink | None = None
+    entry: list[Replica] = field(default_factory=list)
     served: int = 0
     failed: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
@@ -112,23 +122,31 @@ class Deployer:
         qoe: QoESpec | None = None,
         workload: Workload | None = None,
         planner: str = "doramesh",
+        plan: Plan | None = None,
         timeout_s: float = DEFAULT_RPC_TIMEOUT_S * 4,
     ) -> Deployment:
+        """Plan (or take ``plan`` as given, checked) and load the stages; the previous
+        deployment of the model is retired only once the new one is ready."""
         models.require_served(model)  # NotFound before any work for an unknown model
         qoe = qoe or QoESpec(objective="max_throughput")
         workload = workload or Workload()
         async with self._lock:
-            plan = await self.plan(model, qoe, workload, planner, timeout_s)
+            if plan is None:
+                plan = await self.plan(model, qoe, workload, planner, timeout_s)
+            else:
+                self.check_plan(model, plan)
             epoch = next(self._epochs)
-            for stage in plan.stages:
-                if len(stage.devices) != 1:
-                    raise FailedPrecondition(
-                        "data-parallel stage groups are not executed yet; got a stage with "
-                        f"{len(stage.devices)} devices"
+            replicas = [
+                [
+                    ReplicaRef(
+                        f"{model}@{epoch}/s{i}r{k}", d.id, self.registry.address(d.id), d.share
                     )
-            stage_ids = [f"{model}@{epoch}/s{i}" for i in range(len(plan.stages))]
-            addresses = [self.registry.address(s.devices[0].id) for s in plan.stages]
-            dep = Deployment(model, seed, epoch, plan, stage_ids, addresses)
+                    for k, d in enumerate(stage.devices)
+                    if d.share > 0
+                ]
+                for i, stage in enumerate(plan.stages)
+            ]
+            dep = Deployment(model, seed, epoch, plan, replicas)
             try:
                 # Last stage first, so every stage's next hop is loaded before traffic can flow.
                 for i in reversed(range(len(plan.stages))):
@@ -137,7 +155,7 @@ class Deployer:
                 dep.status, dep.error = "failed", err.message
                 await self._unload(dep)
                 raise
-            dep.entry = PeerLink(addresses[0])
+            dep.entry = [Replica(PeerLink(r.address), r.stage_id, r.share) for r in replicas[0]]
             dep.status = "ready"
             old = self.deployments.get(model)
             self.deployments[model] = dep
@@ -147,49 +165,87 @@ class Deployer:
             "deployed",
             model=model,
             plan_epoch=epoch,
-            stages=[[s.first, s.last, s.devices[0].id] for s in plan.stages],
+            stages=[[s.first, s.last, [d.id for d in s.devices]] for s in plan.stages],
         )
         return dep
 
     async def _load(self, dep: Deployment, i: int, timeout_s: float) -> None:
+        """Load every replica of stage ``i``, each pointing at all replicas of stage i+1."""
         stage = dep.plan.stages[i]
         _, digest = await self.weights.get(StageKey(dep.model, dep.seed, stage.first, stage.last))
-        last = i == len(dep.plan.stages) - 1
-        flow = next((f for f in dep.plan.flows if not last and f.src == stage.devices[0].id), None)
-        request = agent_pb2.LoadStageRequest(
-            stage_id=dep.stage_ids[i],
-            plan_epoch=dep.plan_epoch,
-            model=dep.model,
-            seed=dep.seed,
-            first=stage.first,
-            last=stage.last,
-            weights_digest=digest,
-            weights_source=self.weights_source,
-            next_address="" if last else dep.addresses[i + 1],
-            next_stage_id="" if last else dep.stage_ids[i + 1],
-            rate_mbps=flow.rate_mbps if flow else 0.0,
-            burst_kb=flow.burst_kb if flow else 0.0,
-        )
-        stub = agent_pb2_grpc.AgentStub(self._channel(dep.addresses[i]))
-        try:
-            await stub.LoadStage(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as err:
-            raise error_for(
-                err.code(), f"loading stage {i} on {stage.devices[0].id}: {err.details()}"
-            ) from err
+        nxt = dep.replicas[i + 1] if i + 1 < len(dep.replicas) else []
+        flows = {(f.src, f.dst): f for f in dep.plan.flows}
+        for replica in dep.replicas[i]:
+            hops = [
+                agent_pb2.NextHop(
+                    address=n.address,
+                    stage_id=n.stage_id,
+                    share=n.share,
+                    rate_mbps=flow.rate_mbps if flow else 0.0,
+                    burst_kb=flow.burst_kb if flow else 0.0,
+                )
+                for n in nxt
+                for flow in [flows.get((replica.device, n.device))]
+            ]
+            request = agent_pb2.LoadStageRequest(
+                stage_id=replica.stage_id,
+                plan_epoch=dep.plan_epoch,
+                model=dep.model,
+                seed=dep.seed,
+                first=stage.first,
+                last=stage.last,
+                weights_digest=digest,
+                weights_source=self.weights_source,
+                next=hops,
+            )
+            stub = agent_pb2_grpc.AgentStub(self._channel(replica.address))
+            try:
+                await stub.LoadStage(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as err:
+                raise error_for(
+                    err.code(), f"loading stage {i} on {replica.device}: {err.details()}"
+                ) from err
 
     async def _unload(self, dep: Deployment) -> None:
-        for stage_id, address in zip(dep.stage_ids, dep.addresses, strict=True):
-            stub = agent_pb2_grpc.AgentStub(self._channel(address))
+        for r in (r for stage in dep.replicas for r in stage):
+            stub = agent_pb2_grpc.AgentStub(self._channel(r.address))
             try:
-                await stub.UnloadStage(agent_pb2.UnloadStageRequest(stage_id=stage_id), timeout=5)
+                await stub.UnloadStage(agent_pb2.UnloadStageRequest(stage_id=r.stage_id), timeout=5)
             except grpc.aio.AioRpcError:
                 pass  # a dead agent holds nothing worth freeing
 
     async def _retire(self, dep: Deployment) -> None:
-        if dep.entry is not None:
-            await dep.entry.close()
+        for replica in dep.entry:
+            await replica.link.close()
         await self._unload(dep)
+
+    def check_plan(self, model: str, plan: Plan) -> None:
+        """A plan given by a client: contiguous stages over every layer, live agents, shares."""
+        n_layers = models.get_spec(model).num_blocks
+        expected = 0
+        if not plan.stages:
+            raise InvalidArgument("plan has no stages")
+        alive = {p.node_id for p in self.registry.alive()}
+        for i, stage in enumerate(plan.stages):
+            if stage.first != expected or stage.last < stage.first:
+                raise InvalidArgument(
+                    f"plan.stages[{i}]: layers [{stage.first}, {stage.last}] do not continue "
+                    f"at layer {expected}"
+                )
+            expected = stage.last + 1
+            if not stage.devices:
+                raise InvalidArgument(f"plan.stages[{i}] has no devices")
+            for device in stage.devices:
+                if device.id not in alive:
+                    raise FailedPrecondition(f"plan.stages[{i}]: agent {device.id!r} is not alive")
+                if not device.share > 0:
+                    raise InvalidArgument(f"plan.stages[{i}]: share of {device.id} must be > 0")
+            if abs(sum(d.share for d in stage.devices) - 1.0) > 1e-6:
+                raise InvalidArgument(f"plan.stages[{i}]: shares must sum to 1")
+        if expected != n_layers:
+            raise InvalidArgument(
+                f"plan covers layers up to {expected - 1}; {model} has {n_layers}"
+            )
 
     def get(self, model: str) -> Deployment:
         models.require_served(model)
@@ -217,12 +273,11 @@ class Deployer:
     ) -> tuple[StageResult, Deployment, float]:
         dep = self.get(model)
         self.check_input(model, x)
-        assert dep.entry is not None
         start = time.perf_counter()
         try:
-            result = await dep.entry.send(
+            result = await fan_out(
+                dep.entry,
                 x,
-                stage_id=dep.stage_ids[0],
                 plan_epoch=dep.plan_epoch,
                 request_id=request_id,
                 timeout=timeout_s,
@@ -242,8 +297,8 @@ class Deployer:
 
     async def close(self) -> None:
         for dep in list(self.deployments.values()):
-            if dep.entry is not None:
-                await dep.entry.close()
+            for replica in dep.entry:
+                await replica.link.close()
         for channel in self._agent_channels.values():
             await channel.close()
         if self._planner_channel is not None:

@@ -83,6 +83,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             qoe=qoe,
             workload=workload,
             planner=request.planner or "doramesh",
+            plan=convert.plan_from_pb(request.plan) if request.HasField("plan") else None,
             timeout_s=_deadline(context, 600.0),
         )
         return coordinator_pb2.DeployResponse(deployment=deployment_to_pb(dep))

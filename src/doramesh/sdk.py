@@ -124,9 +124,16 @@ def _infer_result(pb: coordinator_pb2.InferResponse) -> InferResult:
 
 
 def _deploy_request(
-    model: str, seed: int, qoe: QoESpec | None, workload: Workload | None, planner: str
+    model: str,
+    seed: int,
+    qoe: QoESpec | None,
+    workload: Workload | None,
+    planner: str,
+    plan: Plan | None = None,
 ) -> coordinator_pb2.DeployRequest:
     req = coordinator_pb2.DeployRequest(model=model, seed=seed, planner=planner)
+    if plan is not None:
+        req.plan.CopyFrom(convert.plan_to_pb(plan))
     if qoe is not None:
         req.qoe.CopyFrom(convert.qoe_to_pb(qoe))
     if workload is not None:
@@ -176,11 +183,13 @@ class Client:
         qoe: QoESpec | None = None,
         workload: Workload | None = None,
         planner: str = "doramesh",
+        plan: Plan | None = None,
         timeout: float | None = None,
     ) -> DeploymentView:
+        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given)."""
         try:
             resp = self._stub.Deploy(
-                _deploy_request(model, seed, qoe, workload, planner), timeout=self._t(timeout)
+                _deploy_request(model, seed, qoe, workload, planner, plan), timeout=self._t(timeout)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -267,11 +276,13 @@ class AsyncClient:
         qoe: QoESpec | None = None,
         workload: Workload | None = None,
         planner: str = "doramesh",
+        plan: Plan | None = None,
         timeout: float | None = None,
     ) -> DeploymentView:
+        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given)."""
         try:
             resp = await self._stub.Deploy(
-                _deploy_request(model, seed, qoe, workload, planner), timeout=self._t(timeout)
+                _deploy_request(model, seed, qoe, workload, planner, plan), timeout=self._t(timeout)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

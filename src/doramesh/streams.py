@@ -166,3 +166,64 @@ class PeerLink:
         if self._channel is not None:
             await self._channel.close()
         self._call = self._channel = self._reader = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One data-parallel replica of a stage, reached through a link."""
+
+    link: PeerLink
+    stage_id: str
+    share: float
+
+
+def split_by_shares(batch: int, shares: list[float]) -> list[int]:
+    """Samples per replica: proportional to shares, summing to ``batch`` (largest remainder).
+
+    A replica may get zero samples when the batch is smaller than the group.
+    """
+    total = sum(shares)
+    if batch <= 0 or total <= 0:
+        return [0] * len(shares)
+    exact = [batch * s / total for s in shares]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order[: batch - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+async def fan_out(
+    replicas: list[Replica],
+    tensor: torch.Tensor,
+    *,
+    plan_epoch: int,
+    request_id: str,
+    timeout: float | None = None,
+) -> StageResult:
+    """Send a microbatch to a stage's replicas, split along the batch by their shares, and
+    gather their results in order. One replica: no split, no copy."""
+    if len(replicas) == 1:
+        r = replicas[0]
+        return await r.link.send(
+            tensor,
+            stage_id=r.stage_id,
+            plan_epoch=plan_epoch,
+            request_id=request_id,
+            timeout=timeout,
+        )
+    counts = split_by_shares(tensor.shape[0], [r.share for r in replicas])
+    parts = torch.split(tensor, counts)
+    sends = [
+        r.link.send(
+            part.contiguous(),
+            stage_id=r.stage_id,
+            plan_epoch=plan_epoch,
+            request_id=request_id,
+            timeout=timeout,
+        )
+        for r, part, n in zip(replicas, parts, counts, strict=True)
+        if n > 0
+    ]
+    results = await asyncio.gather(*sends)
+    return StageResult(torch.cat([r.tensor for r in results]), max(r.compute_ms for r in results))

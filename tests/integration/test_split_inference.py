@@ -75,3 +75,50 @@ async def test_infer_before_deploy_is_a_failed_precondition(fleet: LocalFleet) -
     async with AsyncClient(fleet.address, timeout=10) as client:
         with pytest.raises(FailedPrecondition, match="Deploy"):
             await client.infer("resnet50", torch.zeros(1, 3, 32, 32))
+
+
+async def test_data_parallel_stage_matches_local(fleet: LocalFleet) -> None:
+    """A pipeline whose middle stage has two replicas with uneven shares: each microbatch is
+    split along the batch, run on both, gathered in order."""
+    from doramesh.types import DeviceShare, Plan, PlanId, Prediction, StagePlan
+
+    async with AsyncClient(fleet.address, timeout=120) as client:
+        ids = sorted(a.profile.node_id for a in await client.fleet())
+        plan = Plan(
+            plan_id=PlanId("hand-made"),
+            stages=(
+                StagePlan(0, 2, (DeviceShare(ids[0], 1.0),)),
+                StagePlan(3, 6, (DeviceShare(ids[1], 0.75), DeviceShare(ids[2], 0.25))),
+                StagePlan(7, 9, (DeviceShare(ids[0], 1.0),)),
+            ),
+            microbatch=5,
+            flows=(),
+            predicted=Prediction(0.0, 0.0, 0.0),
+        )
+        dep = await client.deploy("resnet18", seed=5, plan=plan)
+        assert [len(s.devices) for s in dep.plan.stages] == [1, 2, 1]
+        reference = models.build_blocks("resnet18", 5)
+        x = models.example_input("resnet18", 5, seed=1, sample_shape=(3, 64, 64))
+        got = await client.infer("resnet18", x)
+        with torch.inference_mode():
+            want = reference(x)
+        assert (got - want).abs().max().item() <= TOLERANCE
+        status = await client.job_status("resnet18")
+        assert status.deployment.plan_epoch == dep.plan_epoch
+
+
+async def test_a_plan_that_does_not_cover_the_model_is_refused(fleet: LocalFleet) -> None:
+    from doramesh.errors import InvalidArgument
+    from doramesh.types import DeviceShare, Plan, PlanId, Prediction, StagePlan
+
+    async with AsyncClient(fleet.address, timeout=30) as client:
+        ids = [a.profile.node_id for a in await client.fleet()]
+        gap = Plan(
+            PlanId("gap"),
+            (StagePlan(0, 2, (DeviceShare(ids[0]),)), StagePlan(4, 9, (DeviceShare(ids[1]),))),
+            1,
+            (),
+            Prediction(0.0, 0.0, 0.0),
+        )
+        with pytest.raises(InvalidArgument, match="continue"):
+            await client.deploy("resnet18", plan=gap)

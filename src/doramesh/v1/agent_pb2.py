@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from doramesh.v1 import common_pb2 as doramesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64oramesh/v1/agent.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x13\n\x11GetProfileRequest\"\x94\x02\n\x10LoadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05\x66irst\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\r\x12\x16\n\x0eweights_digest\x18\x07 \x01(\t\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\x14\n\x0cnext_address\x18\t \x01(\t\x12\x15\n\rnext_stage_id\x18\n \x01(\t\x12\x11\n\trate_mbps\x18\x0b \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x0c \x01(\x01\x12\x1e\n\x16input_bytes_per_sample\x18\r \x01(\x04\"c\n\x11LoadStageResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x02 \x01(\x04\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\'\n\x13UnloadStageResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\xc1\x01\n\x10\x41\x63tivationHeader\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\x04\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\r\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\"y\n\x0f\x41\x63tivationFrame\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.doramesh.v1.ActivationHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.doramesh.v1.ActivationChunkH\x00\x42\x06\n\x04kind\"F\n\x0f\x41\x63tivationChunk\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xba\x02\n\x05\x41gent\x12H\n\nGetProfile\x12\x1e.doramesh.v1.GetProfileRequest\x1a\x1a.doramesh.v1.DeviceProfile\x12J\n\tLoadStage\x12\x1d.doramesh.v1.LoadStageRequest\x1a\x1e.doramesh.v1.LoadStageResponse\x12P\n\x0bUnloadStage\x12\x1f.doramesh.v1.UnloadStageRequest\x1a .doramesh.v1.UnloadStageResponse\x12I\n\x07\x46orward\x12\x1c.doramesh.v1.ActivationFrame\x1a\x1c.doramesh.v1.ActivationFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64oramesh/v1/agent.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x13\n\x11GetProfileRequest\"\xe4\x01\n\x10LoadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05\x66irst\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\r\x12\x16\n\x0eweights_digest\x18\x07 \x01(\t\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\"\n\x04next\x18\x0e \x03(\x0b\x32\x14.doramesh.v1.NextHopJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0e\"`\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x11\n\trate_mbps\x18\x04 \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x05 \x01(\x01\"c\n\x11LoadStageResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x02 \x01(\x04\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\'\n\x13UnloadStageResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\xc1\x01\n\x10\x41\x63tivationHeader\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\x04\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\r\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\"y\n\x0f\x41\x63tivationFrame\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.doramesh.v1.ActivationHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.doramesh.v1.ActivationChunkH\x00\x42\x06\n\x04kind\"F\n\x0f\x41\x63tivationChunk\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xba\x02\n\x05\x41gent\x12H\n\nGetProfile\x12\x1e.doramesh.v1.GetProfileRequest\x1a\x1a.doramesh.v1.DeviceProfile\x12J\n\tLoadStage\x12\x1d.doramesh.v1.LoadStageRequest\x1a\x1e.doramesh.v1.LoadStageResponse\x12P\n\x0bUnloadStage\x12\x1f.doramesh.v1.UnloadStageRequest\x1a .doramesh.v1.UnloadStageResponse\x12I\n\x07\x46orward\x12\x1c.doramesh.v1.ActivationFrame\x1a\x1c.doramesh.v1.ActivationFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILEREQUEST']._serialized_start=66
   _globals['_GETPROFILEREQUEST']._serialized_end=85
   _globals['_LOADSTAGEREQUEST']._serialized_start=88
-  _globals['_LOADSTAGEREQUEST']._serialized_end=364
-  _globals['_LOADSTAGERESPONSE']._serialized_start=366
-  _globals['_LOADSTAGERESPONSE']._serialized_end=465
-  _globals['_UNLOADSTAGEREQUEST']._serialized_start=467
-  _globals['_UNLOADSTAGEREQUEST']._serialized_end=505
-  _globals['_UNLOADSTAGERESPONSE']._serialized_start=507
-  _globals['_UNLOADSTAGERESPONSE']._serialized_end=546
-  _globals['_ACTIVATIONHEADER']._serialized_start=549
-  _globals['_ACTIVATIONHEADER']._serialized_end=742
-  _globals['_ACTIVATIONFRAME']._serialized_start=744
-  _globals['_ACTIVATIONFRAME']._serialized_end=865
-  _globals['_ACTIVATIONCHUNK']._serialized_start=867
-  _globals['_ACTIVATIONCHUNK']._serialized_end=937
-  _globals['_AGENT']._serialized_start=940
-  _globals['_AGENT']._serialized_end=1254
+  _globals['_LOADSTAGEREQUEST']._serialized_end=316
+  _globals['_NEXTHOP']._serialized_start=318
+  _globals['_NEXTHOP']._serialized_end=414
+  _globals['_LOADSTAGERESPONSE']._serialized_start=416
+  _globals['_LOADSTAGERESPONSE']._serialized_end=515
+  _globals['_UNLOADSTAGEREQUEST']._serialized_start=517
+  _globals['_UNLOADSTAGEREQUEST']._serialized_end=555
+  _globals['_UNLOADSTAGERESPONSE']._serialized_start=557
+  _globals['_UNLOADSTAGERESPONSE']._serialized_end=596
+  _globals['_ACTIVATIONHEADER']._serialized_start=599
+  _globals['_ACTIVATIONHEADER']._serialized_end=792
+  _globals['_ACTIVATIONFRAME']._serialized_start=794
+  _globals['_ACTIVATIONFRAME']._serialized_end=915
+  _globals['_ACTIVATIONCHUNK']._serialized_start=917
+  _globals['_ACTIVATIONCHUNK']._serialized_end=987
+  _globals['_AGENT']._serialized_start=990
+  _globals['_AGENT']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

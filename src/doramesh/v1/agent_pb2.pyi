@@ -1,7 +1,8 @@
 from doramesh.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -11,7 +12,7 @@ class GetProfileRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next_address", "next_stage_id", "rate_mbps", "burst_kb", "input_bytes_per_sample")
+    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -20,11 +21,7 @@ class LoadStageRequest(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
-    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    NEXT_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
-    RATE_MBPS_FIELD_NUMBER: _ClassVar[int]
-    BURST_KB_FIELD_NUMBER: _ClassVar[int]
-    INPUT_BYTES_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     plan_epoch: int
     model: str
@@ -33,12 +30,22 @@ class LoadStageRequest(_message.Message):
     last: int
     weights_digest: str
     weights_source: str
-    next_address: str
-    next_stage_id: str
+    next: _containers.RepeatedCompositeFieldContainer[NextHop]
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+
+class NextHop(_message.Message):
+    __slots__ = ("address", "stage_id", "share", "rate_mbps", "burst_kb")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    RATE_MBPS_FIELD_NUMBER: _ClassVar[int]
+    BURST_KB_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    stage_id: str
+    share: float
     rate_mbps: float
     burst_kb: float
-    input_bytes_per_sample: int
-    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next_address: _Optional[str] = ..., next_stage_id: _Optional[str] = ..., rate_mbps: _Optional[float] = ..., burst_kb: _Optional[float] = ..., input_bytes_per_sample: _Optional[int] = ...) -> None: ...
+    def __init__(self, address: _Optional[str] = ..., stage_id: _Optional[str] = ..., share: _Optional[float] = ..., rate_mbps: _Optional[float] = ..., burst_kb: _Optional[float] = ...) -> None: ...
 
 class LoadStageResponse(_message.Message):
     __slots__ = ("stage_id", "param_bytes", "cache_hit", "load_seconds")

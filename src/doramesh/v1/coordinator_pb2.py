@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from doramesh.v1 import common_pb2 as doramesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64oramesh/v1/coordinator.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x0e\n\x0c\x46leetRequest\"s\n\tAgentInfo\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.doramesh.v1.DeviceProfile\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x15\n\rdiscovered_by\x18\x04 \x01(\t\"a\n\tFleetView\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.doramesh.v1.AgentInfo\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.doramesh.v1.Deployment\"\x9f\x01\n\rDeployRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12!\n\x03qoe\x18\x03 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\'\n\x08workload\x18\x04 \x01(\x0b\x32\x15.doramesh.v1.Workload\x12\x0f\n\x07planner\x18\x05 \x01(\t\x12\x14\n\x0csample_shape\x18\x06 \x03(\r\"o\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"=\n\x0e\x44\x65ployResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\"U\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x84\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nplan_epoch\x18\x03 \x01(\x04\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"!\n\x10JobStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa2\x01\n\x11JobStatusResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\x12\x17\n\x0frequests_served\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x16\n\x0elatency_ms_p50\x18\x04 \x01(\x01\x12\x16\n\x0elatency_ms_p95\x18\x05 \x01(\x01\"]\n\x11\x46\x65tchStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\r\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"P\n\x0bWeightChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xe2\x02\n\x0b\x43oordinator\x12:\n\x05\x46leet\x12\x19.doramesh.v1.FleetRequest\x1a\x16.doramesh.v1.FleetView\x12\x41\n\x06\x44\x65ploy\x12\x1a.doramesh.v1.DeployRequest\x1a\x1b.doramesh.v1.DeployResponse\x12>\n\x05Infer\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse(\x01\x30\x01\x12J\n\tJobStatus\x12\x1d.doramesh.v1.JobStatusRequest\x1a\x1e.doramesh.v1.JobStatusResponse2W\n\x0bWeightStore\x12H\n\nFetchStage\x12\x1e.doramesh.v1.FetchStageRequest\x1a\x18.doramesh.v1.WeightChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64oramesh/v1/coordinator.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x0e\n\x0c\x46leetRequest\"s\n\tAgentInfo\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.doramesh.v1.DeviceProfile\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x15\n\rdiscovered_by\x18\x04 \x01(\t\"a\n\tFleetView\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.doramesh.v1.AgentInfo\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.doramesh.v1.Deployment\"\xc0\x01\n\rDeployRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12!\n\x03qoe\x18\x03 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\'\n\x08workload\x18\x04 \x01(\x0b\x32\x15.doramesh.v1.Workload\x12\x0f\n\x07planner\x18\x05 \x01(\t\x12\x14\n\x0csample_shape\x18\x06 \x03(\r\x12\x1f\n\x04plan\x18\x07 \x01(\x0b\x32\x11.doramesh.v1.Plan\"o\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"=\n\x0e\x44\x65ployResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\"U\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x84\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nplan_epoch\x18\x03 \x01(\x04\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"!\n\x10JobStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa2\x01\n\x11JobStatusResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\x12\x17\n\x0frequests_served\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x16\n\x0elatency_ms_p50\x18\x04 \x01(\x01\x12\x16\n\x0elatency_ms_p95\x18\x05 \x01(\x01\"]\n\x11\x46\x65tchStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\r\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"P\n\x0bWeightChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xe2\x02\n\x0b\x43oordinator\x12:\n\x05\x46leet\x12\x19.doramesh.v1.FleetRequest\x1a\x16.doramesh.v1.FleetView\x12\x41\n\x06\x44\x65ploy\x12\x1a.doramesh.v1.DeployRequest\x1a\x1b.doramesh.v1.DeployResponse\x12>\n\x05Infer\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse(\x01\x30\x01\x12J\n\tJobStatus\x12\x1d.doramesh.v1.JobStatusRequest\x1a\x1e.doramesh.v1.JobStatusResponse2W\n\x0bWeightStore\x12H\n\nFetchStage\x12\x1e.doramesh.v1.FetchStageRequest\x1a\x18.doramesh.v1.WeightChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLEETVIEW']._serialized_start=205
   _globals['_FLEETVIEW']._serialized_end=302
   _globals['_DEPLOYREQUEST']._serialized_start=305
-  _globals['_DEPLOYREQUEST']._serialized_end=464
-  _globals['_DEPLOYMENT']._serialized_start=466
-  _globals['_DEPLOYMENT']._serialized_end=577
-  _globals['_DEPLOYRESPONSE']._serialized_start=579
-  _globals['_DEPLOYRESPONSE']._serialized_end=640
-  _globals['_INFERREQUEST']._serialized_start=642
-  _globals['_INFERREQUEST']._serialized_end=727
-  _globals['_INFERRESPONSE']._serialized_start=730
-  _globals['_INFERRESPONSE']._serialized_end=862
-  _globals['_JOBSTATUSREQUEST']._serialized_start=864
-  _globals['_JOBSTATUSREQUEST']._serialized_end=897
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=900
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=1062
-  _globals['_FETCHSTAGEREQUEST']._serialized_start=1064
-  _globals['_FETCHSTAGEREQUEST']._serialized_end=1157
-  _globals['_WEIGHTCHUNK']._serialized_start=1159
-  _globals['_WEIGHTCHUNK']._serialized_end=1239
-  _globals['_COORDINATOR']._serialized_start=1242
-  _globals['_COORDINATOR']._serialized_end=1596
-  _globals['_WEIGHTSTORE']._serialized_start=1598
-  _globals['_WEIGHTSTORE']._serialized_end=1685
+  _globals['_DEPLOYREQUEST']._serialized_end=497
+  _globals['_DEPLOYMENT']._serialized_start=499
+  _globals['_DEPLOYMENT']._serialized_end=610
+  _globals['_DEPLOYRESPONSE']._serialized_start=612
+  _globals['_DEPLOYRESPONSE']._serialized_end=673
+  _globals['_INFERREQUEST']._serialized_start=675
+  _globals['_INFERREQUEST']._serialized_end=760
+  _globals['_INFERRESPONSE']._serialized_start=763
+  _globals['_INFERRESPONSE']._serialized_end=895
+  _globals['_JOBSTATUSREQUEST']._serialized_start=897
+  _globals['_JOBSTATUSREQUEST']._serialized_end=930
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=933
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=1095
+  _globals['_FETCHSTAGEREQUEST']._serialized_start=1097
+  _globals['_FETCHSTAGEREQUEST']._serialized_end=1190
+  _globals['_WEIGHTCHUNK']._serialized_start=1192
+  _globals['_WEIGHTCHUNK']._serialized_end=1272
+  _globals['_COORDINATOR']._serialized_start=1275
+  _globals['_COORDINATOR']._serialized_end=1629
+  _globals['_WEIGHTSTORE']._serialized_start=1631
+  _globals['_WEIGHTSTORE']._serialized_end=1718
 # @@protoc_insertion_point(module_scope)

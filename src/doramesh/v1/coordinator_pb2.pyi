@@ -32,20 +32,22 @@ class FleetView(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("model", "seed", "qoe", "workload", "planner", "sample_shape")
+    __slots__ = ("model", "seed", "qoe", "workload", "planner", "sample_shape", "plan")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     QOE_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     PLANNER_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     model: str
     seed: int
     qoe: _common_pb2.QoESpec
     workload: _common_pb2.Workload
     planner: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., seed: _Optional[int] = ..., qoe: _Optional[_Union[_common_pb2.QoESpec, _Mapping]] = ..., workload: _Optional[_Union[_common_pb2.Workload, _Mapping]] = ..., planner: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    plan: _common_pb2.Plan
+    def __init__(self, model: _Optional[str] = ..., seed: _Optional[int] = ..., qoe: _Optional[_Union[_common_pb2.QoESpec, _Mapping]] = ..., workload: _Optional[_Union[_common_pb2.Workload, _Mapping]] = ..., planner: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("model", "plan_epoch", "plan", "status", "error")
