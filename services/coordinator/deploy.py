@@ -18,7 +18,15 @@ from doramesh import convert, models
 from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, create_channel
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.weights import StageKey, WeightStore
-from doramesh.errors import DoraMeshError, FailedPrecondition, InvalidArgument, error_for
+from doramesh.errors import (
+    Aborted,
+    DeadlineExceeded,
+    DoraMeshError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    error_for,
+)
 from doramesh.streams import PeerLink, Replica, StageResult, fan_out
 from doramesh.types import Network, NodeId, Plan, QoESpec, Workload
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, planner_pb2, planner_pb2_grpc
@@ -26,6 +34,11 @@ from doramesh.v1 import agent_pb2, agent_pb2_grpc, planner_pb2, planner_pb2_grpc
 _log = structlog.get_logger("coordinator.deploy")
 
 DeploymentStatus = Literal["deploying", "ready", "failed"]
+
+#: Times one request may be replayed on a new plan after agents on its path failed.
+MAX_REPLAYS = 3
+#: Deadline of the probe that tells a dead agent from a broken stream.
+LIVENESS_PROBE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +61,14 @@ class Deployment:
     replicas: list[list[ReplicaRef]]
     status: DeploymentStatus = "deploying"
     error: str = ""
+    qoe: QoESpec = field(default_factory=QoESpec)
+    workload: Workload = field(default_factory=Workload)
+    planner: str = "doramesh"
     entry: list[Replica] = field(default_factory=list)
     served: int = 0
     failed: int = 0
+    #: Requests that failed on this deployment's agents and were replayed on a new plan.
+    replayed: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
     def percentile(self, q: float) -> float:
@@ -78,6 +96,7 @@ class Deployer:
         self.deployments: dict[str, Deployment] = {}
         self._epochs = itertools.count(int(time.time()))
         self._lock = asyncio.Lock()
+        self._recovering: dict[str, asyncio.Lock] = {}
         self._planner_channel: grpc.aio.Channel | None = None
         self._agent_channels: dict[str, grpc.aio.Channel] = {}
 
@@ -146,7 +165,9 @@ class Deployer:
                 ]
                 for i, stage in enumerate(plan.stages)
             ]
-            dep = Deployment(model, seed, epoch, plan, replicas)
+            dep = Deployment(
+                model, seed, epoch, plan, replicas, qoe=qoe, workload=workload, planner=planner
+            )
             try:
                 # Last stage first, so every stage's next hop is loaded before traffic can flow.
                 for i in reversed(range(len(plan.stages))):
@@ -271,29 +292,86 @@ class Deployer:
     async def infer(
         self, model: str, x: torch.Tensor, *, request_id: str, timeout_s: float
     ) -> tuple[StageResult, Deployment, float]:
-        dep = self.get(model)
+        """Run one request through the model's deployment.
+
+        If an agent on the path fails (its stream breaks), the request is replayed on a new
+        plan over the agents still alive: inference is idempotent, and the caller gets exactly
+        one result per request because only this call delivers it.
+        """
         self.check_input(model, x)
         start = time.perf_counter()
-        try:
-            result = await fan_out(
-                dep.entry,
-                x,
-                plan_epoch=dep.plan_epoch,
-                request_id=request_id,
-                timeout=timeout_s,
-            )
-        except TimeoutError as err:
-            dep.failed += 1
-            from doramesh.errors import DeadlineExceeded
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(MAX_REPLAYS + 1):
+            dep = self.get(model)
+            remaining = deadline - time.monotonic()
+            try:
+                result = await fan_out(
+                    dep.entry,
+                    x,
+                    plan_epoch=dep.plan_epoch,
+                    request_id=request_id,
+                    timeout=max(remaining, 0.0),
+                )
+            except TimeoutError as err:
+                dep.failed += 1
+                raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from err
+            except (Unavailable, Aborted) as err:
+                if attempt == MAX_REPLAYS or deadline - time.monotonic() <= 0:
+                    dep.failed += 1
+                    raise
+                dep.replayed += 1
+                _log.warning(
+                    "request failed on the fleet; replaying",
+                    request_id=request_id,
+                    plan_epoch=dep.plan_epoch,
+                    error=err.message,
+                )
+                await self.recover(dep, deadline - time.monotonic())
+                continue
+            except DoraMeshError:
+                dep.failed += 1
+                raise
+            latency_ms = (time.perf_counter() - start) * 1e3
+            dep.served += 1
+            dep.latencies_ms.append(latency_ms)
+            return result, dep, latency_ms
+        raise AssertionError("unreachable")
 
-            raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from err
-        except DoraMeshError:
-            dep.failed += 1
-            raise
-        latency_ms = (time.perf_counter() - start) * 1e3
-        dep.served += 1
-        dep.latencies_ms.append(latency_ms)
-        return result, dep, latency_ms
+    async def recover(self, failed: Deployment, timeout_s: float) -> None:
+        """After a failure on ``failed``: find the agents that stopped answering, mark them
+        dead, and re-plan the model over the rest. Concurrent failures recover once."""
+        lock = self._recovering.setdefault(failed.model, asyncio.Lock())
+        async with lock:
+            if self.deployments.get(failed.model) is not failed:
+                return  # another request already moved the model to a new plan
+            devices = {d.id for s in failed.plan.stages for d in s.devices}
+            answers = await asyncio.gather(*(self._answers(d) for d in devices))
+            dead = [d for d, ok in zip(devices, answers, strict=True) if not ok]
+            for node_id in dead:
+                self.registry.mark_dead(node_id, time.monotonic())
+            if not dead:
+                return  # a transient break: the link reopens on the next send
+            _log.warning("re-planning without dead agents", model=failed.model, dead=dead)
+            await self.deploy(
+                failed.model,
+                seed=failed.seed,
+                qoe=failed.qoe,
+                workload=failed.workload,
+                planner=failed.planner,
+                timeout_s=max(timeout_s, 1.0),
+            )
+
+    async def _answers(self, node_id: NodeId) -> bool:
+        try:
+            address = self.registry.address(node_id)
+        except KeyError:
+            return False
+        stub = agent_pb2_grpc.AgentStub(self._channel(address))
+        try:
+            await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=LIVENESS_PROBE_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def close(self) -> None:
         for dep in list(self.deployments.values()):

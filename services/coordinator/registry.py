@@ -66,6 +66,13 @@ class FleetRegistry:
         self.version += 1
         return state
 
+    def mark_dead(self, node_id: NodeId, now: float) -> None:
+        """A failure seen on the data path: dead now, without waiting for health checks."""
+        record = self.agents.get(node_id)
+        if record is not None and record.state != "dead":
+            self.agents[node_id] = replace(record, state="dead", last_seen=now - self.dead_after_s)
+            self.version += 1
+
     def alive(self) -> list[DeviceProfile]:
         return [r.profile for r in self.agents.values() if r.state == "alive"]
 
