@@ -335,6 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument(
         "--seconds", type=float, default=1.0, help="measuring time per tensor size (default 1.0)"
     )
+    bench_planner = bench_sub.add_parser(
+        "planner", help="every planner on every scenario, scored by the simulator")
+    bench_planner.add_argument("--scenarios", default="scenarios",
+                               help="scenario file or folder (default: scenarios/)")
+    bench_planner.add_argument("--planner", action="append", default=None,
+                               help="planner to include; repeat for several (default: all)")
+    bench_planner.add_argument("--json", dest="json_out", default=None, metavar="OUT",
+                               help="write the records as JSON to this file")
+    planning_time = bench_sub.add_parser(
+        "planning-time", help="planning time on synthetic 16x96 and 64x200 fleets")
+    planning_time.add_argument("--json", dest="json_out", default=None, metavar="OUT",
+                               help="write the results as JSON to this file")
+
+    plan = sub.add_parser("plan", help="plan a scenario file offline",
+                          description="Plan a scenario file (YAML, see scenarios/) offline and "
+                          "print the plan set.")
+    plan.add_argument("scenario", help="scenario file")
+    plan.add_argument("--planner", default="doramesh",
+                      help="doramesh or a baseline (single-device, uniform, memory-proportional,"
+                      " throughput-optimal, latency-optimal, data-parallel)")
+    plan.add_argument("--max-plans", type=int, default=4, help="plans in the set (default 4)")
+    plan.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -494,11 +516,24 @@ def main(argv: list[str] | None = None) -> None:
         from doramesh.demo import run_demo
 
         sys.exit(run_demo(args))
+    if args.command == "plan":
+        from doramesh.plan_cli import run_plan
+
+        sys.exit(run_plan(args.scenario, args.planner, args.json, args.max_plans))
     if args.command == "bench":
         if args.bench == "transport":
             from doramesh.bench.transport import main as transport_main
 
             transport_main(args.json_out, seconds_per_size=args.seconds)
+            return
+        if args.bench == "planner":
+            from doramesh.bench.planner import main as planner_main
+
+            sys.exit(planner_main(args.scenarios, args.json_out, args.planner))
+        if args.bench == "planning-time":
+            from doramesh.bench.planning_time import main as planning_time_main
+
+            planning_time_main(args.json_out)
             return
     code = handlers[args.command](args)
     sys.exit(code if isinstance(code, int) else 0)
