@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 from collections.abc import Iterable
 
@@ -21,6 +22,7 @@ from doramesh.tensors import (
     meta_of,
     tensor_from_pb,
     tensor_to_pb,
+    tune_allocator_for_streaming,
     validate_meta,
 )
 from doramesh.v1 import agent_pb2, common_pb2
@@ -383,6 +385,12 @@ def test_too_many_microbatches_in_flight() -> None:
     # Completing or discarding one frees a slot.
     assert asm.discard(0) and not asm.discard(0)
     assert asm.feed(header(3, "uint8", [4], 4)) is None
+
+
+def test_allocator_tuning_applies_on_glibc_only() -> None:
+    # Process-wide but harmless to the test run: it only keeps freed heap for reuse.
+    is_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tune_allocator_for_streaming() is is_glibc
 
 
 # --- properties ------------------------------------------------------------------------------

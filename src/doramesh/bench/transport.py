@@ -1,0 +1,552 @@
+"""``doramesh bench transport``: what the activation path costs compared with a bare socket.
+
+Activations travel peer to peer as ~1 MiB chunk frames over a bidirectional gRPC stream. This
+benchmark measures that path with the production pieces (``channels.create_server`` /
+``create_channel`` and their message limits, ``iter_frames``, ``FrameAssembler``) against the
+best a hand-written transport could do on the same host: a raw TCP socket that sends the tensor's
+bytes with a length prefix and lands them in a preallocated buffer. Both run the same workload
+(one tensor per microbatch, a window of microbatches in flight, a tiny ack per tensor), so their
+ratio is the price of gRPC, protobuf and the codec. It also measures the round trip of one small
+tensor, which bounds the per-hop latency of a pipeline.
+
+The receiving side runs in a separate process, as a peer agent would: in one process the sender
+and receiver would share one interpreter lock and the figures would describe that, not the wire.
+Every figure comes from running this module; nothing is hard-coded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import socket
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from doramesh import channels
+from doramesh.channels import CHUNK_BYTES
+from doramesh.servicing import stream_errors
+from doramesh.tensors import FrameAssembler, iter_frames, tune_allocator_for_streaming
+from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+_log = structlog.get_logger("bench.transport")
+
+KIB = 1 << 10
+MIB = 1 << 20
+DEFAULT_SIZES: tuple[int, ...] = (64 * KIB, 1 * MIB, 4 * MIB, 16 * MIB)
+#: Microbatches in flight per stream: enough to keep the link busy while the receiver assembles,
+#: as a pipeline stage does.
+DEFAULT_WINDOW = 4
+#: The small tensor of the latency probe: a token's hidden state in a small model is ~1-4 KiB.
+LATENCY_BYTES = 4 * KIB
+LATENCY_ITERATIONS = 200
+_RAW_PREFIX_BYTES = 8
+_ACK = b"\x01"
+_STAGE_ID = "bench-transport"
+#: How long the parent waits for the sink process to start (it imports torch and grpc).
+_SINK_START_TIMEOUT_S = 120.0
+#: Deadline of each benchmark stream: generous, but a wedged sink must not hang the bench.
+_STREAM_DEADLINE_S = 600.0
+#: grpc.aio's end-of-stream marker (missing from the type stubs).
+_EOF: object = grpc.aio.EOF
+
+
+# --- the receiving side (a separate process) -------------------------------------------------
+
+
+class TransportBenchSink(agent_pb2_grpc.AgentServicer):
+    """Benchmark harness, not product: receives activation streams and acks each microbatch.
+
+    It does what a stage's receiving side must do before it can compute (validate and assemble
+    every frame into a tensor) and nothing more, so the measured rate is the transport's.
+    """
+
+    def __init__(self, max_tensor_bytes: int, max_chunk_bytes: int) -> None:
+        self._max_tensor_bytes = max_tensor_bytes
+        self._max_chunk_bytes = max_chunk_bytes
+
+    @stream_errors
+    async def Forward(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.ActivationFrame],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.ActivationFrame]:
+        assembler = FrameAssembler(self._max_tensor_bytes, self._max_chunk_bytes)
+        async for frame in request_iterator:
+            done = assembler.feed(frame)
+            if done is not None:
+                header, _tensor = done
+                yield _ack_frame(header.microbatch_id)
+
+
+def _ack_frame(microbatch_id: int) -> agent_pb2.ActivationFrame:
+    return agent_pb2.ActivationFrame(
+        header=agent_pb2.ActivationHeader(
+            stage_id=_STAGE_ID,
+            microbatch_id=microbatch_id,
+            meta=common_pb2.TensorMeta(dtype="float32", shape=[0], byte_length=0),
+        )
+    )
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fills ``view`` from ``sock``; False if the peer closed first."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _raw_sink_connection(sock: socket.socket, max_tensor_bytes: int) -> None:
+    """The raw baseline's receiver: length prefix, bytes into a fresh buffer, a tensor, an ack."""
+    prefix = bytearray(_RAW_PREFIX_BYTES)
+    with sock:
+        while _recv_exact(sock, memoryview(prefix)):
+            n = int.from_bytes(prefix, "little")
+            if n > max_tensor_bytes:
+                return
+            raw = torch.empty(n, dtype=torch.uint8)
+            if n and not _recv_exact(sock, raw.numpy().data):
+                return
+            # Build the tensor a stage would compute on, as the gRPC sink does.
+            _tensor = raw.view(torch.float32) if n % 4 == 0 else raw
+            sock.sendall(_ACK)
+
+
+def _raw_sink_accept(listener: socket.socket, max_tensor_bytes: int) -> None:
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except OSError:  # the listener was closed: the bench is over
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(
+            target=_raw_sink_connection, args=(sock, max_tensor_bytes), daemon=True
+        ).start()
+
+
+async def _serve_sinks(
+    conn: multiprocessing.connection.Connection, max_tensor_bytes: int, chunk_bytes: int
+) -> None:
+    server = channels.create_server("bench-transport-sink")
+    agent_pb2_grpc.add_AgentServicer_to_server(
+        TransportBenchSink(max_tensor_bytes, chunk_bytes), server
+    )
+    grpc_address = channels.bind(server, "127.0.0.1:0")
+    await server.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    raw_port = listener.getsockname()[1]
+    threading.Thread(
+        target=_raw_sink_accept, args=(listener, max_tensor_bytes), daemon=True
+    ).start()
+    conn.send((grpc_address, raw_port))
+    try:
+        await asyncio.to_thread(conn.recv)  # the parent says stop (or dies: EOFError)
+    except EOFError:
+        pass
+    finally:
+        listener.close()
+        await server.stop(grace=1.0)
+
+
+def _sink_process_main(
+    conn: multiprocessing.connection.Connection,
+    max_tensor_bytes: int,
+    chunk_bytes: int,
+    tune_allocator: bool,
+) -> None:
+    """Entry point of the sink process (module level so that ``spawn`` can import it)."""
+    if tune_allocator:
+        tune_allocator_for_streaming()
+    asyncio.run(_serve_sinks(conn, max_tensor_bytes, chunk_bytes))
+
+
+class _SinkProcess:
+    """Starts the sinks in a child process; ``spawn`` because forking a gRPC process is unsafe."""
+
+    def __init__(self, max_tensor_bytes: int, chunk_bytes: int, tune_allocator: bool) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_sink_process_main,
+            args=(child_conn, max_tensor_bytes, chunk_bytes, tune_allocator),
+            name="doramesh-bench-transport-sink",
+            daemon=True,
+        )
+        self._child_conn = child_conn
+
+    async def __aenter__(self) -> tuple[str, int]:
+        self._process.start()
+        self._child_conn.close()
+        ready = await asyncio.to_thread(self._conn.poll, _SINK_START_TIMEOUT_S)
+        if not ready:
+            await self._stop()
+            raise RuntimeError(
+                f"benchmark sink process did not start within {_SINK_START_TIMEOUT_S:.0f} s"
+            )
+        try:
+            grpc_address, raw_port = self._conn.recv()
+        except EOFError:
+            await self._stop()
+            raise RuntimeError(
+                f"benchmark sink process exited with code {self._process.exitcode}"
+            ) from None
+        return str(grpc_address), int(raw_port)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        try:
+            self._conn.send("stop")
+        except (BrokenPipeError, OSError):
+            pass
+        await asyncio.to_thread(self._process.join, 10.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            await asyncio.to_thread(self._process.join, 5.0)
+        self._conn.close()
+
+
+# --- the sending side ------------------------------------------------------------------------
+
+
+def _payload(nbytes: int) -> torch.Tensor:
+    """A float32 activation of ``nbytes`` (rounded down to whole elements, at least one)."""
+    gen = torch.Generator().manual_seed(nbytes)
+    return torch.randn(max(nbytes // 4, 1), generator=gen)
+
+
+async def _grpc_goodput(
+    stub: agent_pb2_grpc.AgentStub,
+    tensor: torch.Tensor,
+    *,
+    seconds: float,
+    window: int,
+    chunk_bytes: int,
+) -> float:
+    """Bytes per second acked over one ``Forward`` stream with ``window`` microbatches in flight."""
+    nbytes = tensor.numel() * tensor.element_size()
+    call = stub.Forward(timeout=_STREAM_DEADLINE_S)
+    slots = asyncio.Semaphore(window)
+    acked = 0
+    last_ack = time.perf_counter()
+    warmed = asyncio.Event()
+
+    async def read_acks() -> None:
+        nonlocal acked, last_ack
+        while True:
+            frame = await call.read()
+            if frame is _EOF:
+                return
+            acked += 1
+            last_ack = time.perf_counter()
+            slots.release()
+            if acked == window:
+                warmed.set()
+
+    async def send(mb: int) -> None:
+        await slots.acquire()
+        for frame in iter_frames(
+            tensor,
+            stage_id=_STAGE_ID,
+            plan_epoch=0,
+            request_id="bench",
+            microbatch_id=mb,
+            chunk_bytes=chunk_bytes,
+        ):
+            await call.write(frame)
+
+    reader = asyncio.create_task(read_acks())
+    try:
+        # Warm up (connection, allocator, HTTP/2 windows) and start from an empty pipeline.
+        for mb in range(window):
+            await send(mb)
+        await warmed.wait()
+        start = time.perf_counter()
+        deadline = start + seconds
+        mb = window
+        while True:  # at least one measured microbatch, however short the run
+            await send(mb)
+            mb += 1
+            if time.perf_counter() >= deadline:
+                break
+        await call.done_writing()
+        await reader
+    finally:
+        if not reader.done():
+            reader.cancel()
+            call.cancel()
+    measured = acked - window
+    return measured * nbytes / max(last_ack - start, 1e-9)
+
+
+def _raw_tcp_goodput(port: int, tensor: torch.Tensor, *, seconds: float, window: int) -> float:
+    """The same workload over a bare socket: length prefix, bytes, a 1-byte ack per tensor."""
+    view = tensor.contiguous().view(torch.uint8).numpy().data
+    prefix = len(view).to_bytes(_RAW_PREFIX_BYTES, "little")
+    slots = threading.Semaphore(window)
+    acked = 0
+    last_ack = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(_STREAM_DEADLINE_S)
+
+        def read_acks() -> None:
+            nonlocal acked, last_ack
+            buf = bytearray(64)
+            while True:
+                try:
+                    n = sock.recv_into(buf)
+                except OSError:  # shut down by the sender below once every ack is in
+                    return
+                if n == 0:
+                    return
+                acked += n
+                last_ack = time.perf_counter()
+                slots.release(n)
+
+        reader = threading.Thread(target=read_acks, daemon=True)
+        reader.start()
+
+        def send() -> None:
+            slots.acquire()
+            sock.sendall(prefix)
+            sock.sendall(view)
+
+        def wait_for_acks(count: int) -> None:
+            # The reader thread timestamps each ack; polling here only delays the return.
+            until = time.perf_counter() + _STREAM_DEADLINE_S
+            while acked < count:
+                if time.perf_counter() > until or not reader.is_alive():
+                    raise RuntimeError("benchmark raw sink stopped acknowledging")
+                time.sleep(0.0002)
+
+        for _ in range(window):
+            send()
+        wait_for_acks(window)
+        start = time.perf_counter()
+        deadline = start + seconds
+        sent = window
+        while True:
+            send()
+            sent += 1
+            if time.perf_counter() >= deadline:
+                break
+        wait_for_acks(sent)
+        sock.shutdown(socket.SHUT_RDWR)
+        reader.join()
+        measured = acked - window
+    return measured * len(view) / max(last_ack - start, 1e-9)
+
+
+async def _grpc_round_trips(stub: agent_pb2_grpc.AgentStub, iterations: int) -> list[float]:
+    """Seconds to send one small tensor and receive its ack, one at a time on one stream."""
+    tensor = _payload(LATENCY_BYTES)
+    call = stub.Forward(timeout=_STREAM_DEADLINE_S)
+    times: list[float] = []
+    warmup = 10
+    for i in range(warmup + iterations):
+        t0 = time.perf_counter()
+        for frame in iter_frames(
+            tensor, stage_id=_STAGE_ID, plan_epoch=0, request_id="bench", microbatch_id=i
+        ):
+            await call.write(frame)
+        ack = await call.read()
+        if ack is _EOF:
+            raise RuntimeError("benchmark sink closed the stream")
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    await call.done_writing()
+    await call.read()
+    return times
+
+
+def _raw_round_trips(port: int, iterations: int) -> list[float]:
+    view = _payload(LATENCY_BYTES).view(torch.uint8).numpy().data
+    prefix = len(view).to_bytes(_RAW_PREFIX_BYTES, "little")
+    ack = bytearray(1)
+    times: list[float] = []
+    warmup = 10
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(_STREAM_DEADLINE_S)
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            sock.sendall(prefix)
+            sock.sendall(view)
+            if not _recv_exact(sock, memoryview(ack)):
+                raise RuntimeError("benchmark raw sink closed the connection")
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return times
+
+
+def _percentiles_ms(times: Sequence[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    p50 = statistics.median(ordered)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return round(p50 * 1e3, 3), round(p95 * 1e3, 3)
+
+
+async def run_transport_bench(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
+    seconds_per_size: float = 1.0,
+    chunk_bytes: int = CHUNK_BYTES,
+    window: int = DEFAULT_WINDOW,
+    rounds: int = 3,
+    latency_iterations: int = LATENCY_ITERATIONS,
+    tune_allocator: bool = True,
+) -> dict[str, Any]:
+    """Measures gRPC activation streaming against a raw socket, size by size, and hop latency.
+
+    Throughputs are goodput in MB/s (1e6 bytes/s) of tensor bytes acked by the receiver: the
+    median of ``rounds`` alternating runs per transport, ``seconds_per_size`` in all for each.
+    ``tune_allocator`` applies ``tune_allocator_for_streaming`` to both processes, as an agent
+    daemon does (it changes this process's allocator for good); False measures glibc's defaults.
+    """
+    if not sizes or min(sizes) <= 0 or min(seconds_per_size, window, rounds) <= 0:
+        raise ValueError("sizes, seconds_per_size, window and rounds must be positive")
+    max_tensor_bytes = max(*sizes, LATENCY_BYTES)
+    allocator_tuned = tune_allocator and tune_allocator_for_streaming()
+    rows: list[dict[str, Any]] = []
+    async with _SinkProcess(max_tensor_bytes, chunk_bytes, allocator_tuned) as (
+        grpc_address,
+        raw_port,
+    ):
+        async with channels.create_channel(grpc_address) as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
+            for nbytes in sizes:
+                tensor = _payload(nbytes)
+                actual = tensor.numel() * tensor.element_size()
+                # Alternating short runs and taking each transport's median keeps a burst from
+                # a noisy neighbour from landing on one transport only.
+                seconds = seconds_per_size / rounds
+                grpc_runs: list[float] = []
+                raw_runs: list[float] = []
+                for _ in range(rounds):
+                    grpc_runs.append(
+                        await _grpc_goodput(
+                            stub, tensor, seconds=seconds, window=window, chunk_bytes=chunk_bytes
+                        )
+                    )
+                    raw_runs.append(
+                        await asyncio.to_thread(
+                            _raw_tcp_goodput, raw_port, tensor, seconds=seconds, window=window
+                        )
+                    )
+                grpc_bps = statistics.median(grpc_runs)
+                raw_bps = statistics.median(raw_runs)
+                row = {
+                    "bytes": actual,
+                    "grpc_mb_per_s": round(grpc_bps / 1e6, 1),
+                    "raw_tcp_mb_per_s": round(raw_bps / 1e6, 1),
+                    "ratio": round(grpc_bps / raw_bps, 3),
+                    "runs_mb_per_s": {
+                        "grpc": [round(r / 1e6, 1) for r in grpc_runs],
+                        "raw_tcp": [round(r / 1e6, 1) for r in raw_runs],
+                    },
+                }
+                _log.info(
+                    "transport bench size done",
+                    bytes=actual,
+                    grpc_mb_per_s=row["grpc_mb_per_s"],
+                    raw_tcp_mb_per_s=row["raw_tcp_mb_per_s"],
+                )
+                rows.append(row)
+            grpc_times = await _grpc_round_trips(stub, latency_iterations)
+        raw_times = await asyncio.to_thread(_raw_round_trips, raw_port, latency_iterations)
+    grpc_p50, grpc_p95 = _percentiles_ms(grpc_times)
+    raw_p50, raw_p95 = _percentiles_ms(raw_times)
+    return {
+        "sizes": rows,
+        "small_tensor_hop_ms": {
+            "bytes": LATENCY_BYTES,
+            "iterations": latency_iterations,
+            "p50": grpc_p50,
+            "p95": grpc_p95,
+            "raw_tcp_p50": raw_p50,
+            "raw_tcp_p95": raw_p95,
+        },
+        "chunk_bytes": chunk_bytes,
+        "window": window,
+        "rounds": rounds,
+        "seconds_per_size": seconds_per_size,
+        "allocator_tuned": allocator_tuned,
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "torch": torch.__version__,
+        },
+    }
+
+
+def _size_label(nbytes: int) -> str:
+    if nbytes >= MIB and nbytes % MIB == 0:
+        return f"{nbytes // MIB} MiB"
+    if nbytes >= KIB and nbytes % KIB == 0:
+        return f"{nbytes // KIB} KiB"
+    return f"{nbytes} B"
+
+
+def render_table(result: dict[str, Any]) -> Table:
+    """The result as a table; the hop latency goes in the caption."""
+    table = Table(
+        title=f"activation transport on loopback ({_size_label(result['chunk_bytes'])} chunks, "
+        f"{result['window']} microbatches in flight)"
+    )
+    table.add_column("tensor", justify="right")
+    table.add_column("gRPC MB/s", justify="right")
+    table.add_column("raw TCP MB/s", justify="right")
+    table.add_column("gRPC / raw", justify="right")
+    for row in result["sizes"]:
+        table.add_row(
+            _size_label(row["bytes"]),
+            f"{row['grpc_mb_per_s']:.1f}",
+            f"{row['raw_tcp_mb_per_s']:.1f}",
+            f"{row['ratio']:.0%}",
+        )
+    hop = result["small_tensor_hop_ms"]
+    table.caption = (
+        f"{_size_label(hop['bytes'])} tensor round trip over gRPC: p50 {hop['p50']:.3f} ms, "
+        f"p95 {hop['p95']:.3f} ms (raw TCP p50 {hop['raw_tcp_p50']:.3f} ms, "
+        f"p95 {hop['raw_tcp_p95']:.3f} ms); MB = 1e6 bytes"
+    )
+    return table
+
+
+def main(json_out: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Runs the benchmark, prints the table, and writes the JSON result to ``json_out`` if given.
+
+    ``kwargs`` are passed to ``run_transport_bench`` (sizes, seconds_per_size, ...).
+    """
+    result = asyncio.run(run_transport_bench(**kwargs))
+    Console().print(render_table(result))
+    if json_out is not None:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

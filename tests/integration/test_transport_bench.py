@@ -1,0 +1,110 @@
+"""``doramesh bench transport`` end to end, with tiny settings.
+
+The host is shared and noisy, so this checks that every figure is measured and positive, never
+that it beats a threshold; the full-size run is ``make bench-transport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from rich.console import Console
+
+from doramesh import channels
+from doramesh.bench import transport
+from doramesh.bench.transport import main, render_table, run_transport_bench
+from doramesh.tensors import iter_frames
+from doramesh.v1 import agent_pb2, agent_pb2_grpc
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+
+async def test_bench_structure_and_positive_figures() -> None:
+    result = await run_transport_bench((64 * KIB, MIB), seconds_per_size=0.2, latency_iterations=20)
+    assert [row["bytes"] for row in result["sizes"]] == [64 * KIB, MIB]
+    for row in result["sizes"]:
+        assert row["grpc_mb_per_s"] > 0 and row["raw_tcp_mb_per_s"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["grpc_mb_per_s"] / row["raw_tcp_mb_per_s"], rel=0.01
+        )
+        assert len(row["runs_mb_per_s"]["grpc"]) == result["rounds"]
+        assert all(r > 0 for r in row["runs_mb_per_s"]["grpc"] + row["runs_mb_per_s"]["raw_tcp"])
+    hop = result["small_tensor_hop_ms"]
+    assert hop["iterations"] == 20 and hop["bytes"] == 4 * KIB
+    assert 0 < hop["p50"] <= hop["p95"]
+    assert 0 < hop["raw_tcp_p50"] <= hop["raw_tcp_p95"]
+    assert result["chunk_bytes"] == channels.CHUNK_BYTES
+    assert isinstance(result["allocator_tuned"], bool)
+    json.dumps(result)  # the --json output
+
+    console = Console(width=120, record=True)
+    console.print(render_table(result))
+    text = console.export_text()
+    assert "64 KiB" in text and "1 MiB" in text and "raw TCP" in text
+
+
+async def test_chunking_below_tensor_size_is_measured() -> None:
+    # 256 KiB chunks make each 1 MiB tensor four frames plus a header, as on a constrained link.
+    result = await run_transport_bench(
+        (MIB,), seconds_per_size=0.2, chunk_bytes=256 * KIB, rounds=1, latency_iterations=5
+    )
+    assert result["chunk_bytes"] == 256 * KIB
+    assert result["sizes"][0]["grpc_mb_per_s"] > 0
+
+
+def test_main_prints_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    main(str(out), sizes=(64 * KIB,), seconds_per_size=0.1, rounds=1, latency_iterations=5)
+    written = json.loads(out.read_text())
+    assert written["sizes"][0]["bytes"] == 64 * KIB
+    assert "gRPC MB/s" in capsys.readouterr().out
+
+
+async def test_bench_sink_refuses_malformed_streams() -> None:
+    # The harness uses the production assembler, so a bad frame ends the stream with a status.
+    server = channels.create_server("bench-sink-test")
+    agent_pb2_grpc.add_AgentServicer_to_server(
+        transport.TransportBenchSink(max_tensor_bytes=MIB, max_chunk_bytes=64 * KIB), server
+    )
+    address = channels.bind(server, "127.0.0.1:0")
+    await server.start()
+    try:
+        async with channels.create_channel(address) as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            frames = list(
+                iter_frames(
+                    torch.zeros(1024),
+                    stage_id="s",
+                    plan_epoch=0,
+                    request_id="r",
+                    microbatch_id=1,
+                    chunk_bytes=1024,
+                )
+            )
+            call = stub.Forward(timeout=10)
+            for frame in frames:
+                await call.write(frame)
+            ack = await call.read()
+            assert ack.header.microbatch_id == 1 and ack.header.meta.byte_length == 0
+            await call.write(
+                agent_pb2.ActivationFrame(
+                    chunk=agent_pb2.ActivationChunk(microbatch_id=9, offset=0, data=b"x")
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "microbatch 9" in (err.value.details() or "")
+    finally:
+        await server.stop(grace=None)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        asyncio.run(run_transport_bench((), seconds_per_size=0.1))
