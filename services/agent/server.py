@@ -16,6 +16,7 @@ from doramesh.agent.runtime import StageRuntime, WeightCache
 from doramesh.agent.servicer import AgentServicer
 from doramesh.channels import bind, create_server
 from doramesh.discovery import Announcer, lan_address
+from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2_grpc
 
@@ -41,6 +42,8 @@ class AgentServer:
         s = self.settings
         if s.threads > 0:
             torch.set_num_threads(s.threads)
+        # Activation chunks are ~1 MiB buffers made and freed per message: keep them reusable.
+        tune_allocator_for_streaming()
         self._server = create_server("agent")
         self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)

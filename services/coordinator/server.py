@@ -21,6 +21,7 @@ from doramesh.coordinator.servicer import CoordinatorServicer
 from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
 from doramesh.discovery import Announcement, Browser, lan_address
 from doramesh.errors import DoraMeshError
+from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import Network, NodeId
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc
 
@@ -50,6 +51,8 @@ class CoordinatorServer:
 
     async def start(self) -> str:
         s = self.settings
+        # Activation chunks are ~1 MiB buffers made and freed per message: keep them reusable.
+        tune_allocator_for_streaming()
         self._server = create_server("coordinator")
         self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
