@@ -32,9 +32,10 @@ The model, per microbatch of ``workload.batch`` samples (a request is one microb
   requests per second than the plan can serve. Devices not in the plan cost nothing.
 - *memory*: see ``stage_memory_bytes``.
 
-Training is modelled as the same pipeline with forward+backward compute and two-way transfers
-in steady state (microbatches in flight across steps); choosing a microbatch smaller than the
-batch, and the 1F1B schedule's bubble, are left to the microbatch planner.
+Training is modelled as the same pipeline with forward+backward compute and two-way transfers;
+a step is synchronous (the optimiser step ends it), so steps do not overlap and the time between
+batches is the step latency. Choosing a microbatch smaller than the batch, and the schedule's
+bubble, are left to the microbatch planner.
 """
 
 from __future__ import annotations
@@ -266,6 +267,11 @@ def evaluate(
         network_s = max(link_load.values(), default=0.0)
     latency_s = sum(compute) + sum(transfers) + sync
     bottleneck = max(max(compute, default=0.0), network_s, MIN_BOTTLENECK_S)
+    if kind == "training":
+        # A synchronous step (forward, backward, gradient sync, optimiser) must finish before
+        # the next step's forward can start with the new weights: steps do not overlap, so
+        # the time between batches is the step time itself.
+        bottleneck = max(bottleneck, latency_s)
     period = bottleneck
     if workload.rate_rps > 0:
         period = max(period, 1.0 / workload.rate_rps)
