@@ -289,7 +289,7 @@ def main(scenarios: str, json_out: str | None, planners: Sequence[str] | None = 
     from rich.console import Console
     from rich.markdown import Markdown
 
-    Console().print(Markdown(render(result)))
+    Console(width=max(Console().width, 150)).print(Markdown(render(result)))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
     return 0
