@@ -35,3 +35,5 @@ class Scenario:
     qoe: QoESpec
     dynamics: tuple[DynamicsEvent, ...] = ()
     description: str = ""
+    #: The sample shape the file gave for its zoo model (None: the zoo's default shape).
+    zoo_sample_shape: tuple[int, ...] | None = None
