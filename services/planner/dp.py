@@ -206,6 +206,7 @@ class _Problem:
         self.workload = workload
         self.batch = workload.batch
         self.shared = network.kind == "shared"
+        self.training = workload.kind == "training"
         dirs = cost.direction_factor(workload.kind)
         d_count = self.n_devices = len(self.devices)
         n = self.n_layers = len(table.layers)
@@ -329,6 +330,8 @@ class _Problem:
                 dynamic += float(self.cut_energy[previous, v, first])
             previous = v
         bottleneck = max(longest, network, cost.MIN_BOTTLENECK_S)
+        if self.training:
+            bottleneck = max(bottleneck, latency)  # synchronous steps do not overlap
         energy = max(bottleneck, self.rate_period_s) * idle + dynamic
         return _Metrics(latency, longest, network, dynamic, idle, bottleneck, energy)
 
@@ -388,8 +391,13 @@ def _label_dp(
 ) -> _Stages | None:
     """Best plan for ``objective`` under ``bounds``, exactly (see the module docstring)."""
     n, d_count = pb.n_layers, pb.n_devices
-    need_latency = objective == "min_latency" or math.isfinite(bounds.latency_s)
     need_energy = objective == "min_energy" or math.isfinite(bounds.energy_j)
+    # A training step's period is its latency, so its energy needs the latency too.
+    need_latency = (
+        objective == "min_latency"
+        or math.isfinite(bounds.latency_s)
+        or (pb.training and need_energy)
+    )
     need_bottleneck = (
         objective == "max_throughput" or math.isfinite(bounds.bottleneck_s) or need_energy
     )
@@ -484,6 +492,8 @@ def _label_dp(
     for (mask, _v), labels in states[n].items():
         for lab in labels:
             bottleneck = max(lab[1], lab[2], cost.MIN_BOTTLENECK_S)
+            if pb.training:
+                bottleneck = max(bottleneck, lab[0])  # synchronous steps do not overlap
             energy = max(bottleneck, rate_period) * mask_idle[mask] + lab[3]
             if not (
                 _meets(lab[0], bounds.latency_s)
@@ -1201,7 +1211,17 @@ def best_plan(
     considered = _fastest(devices)
     pb = _Problem(considered, table, network, workload)
     bounds = _Bounds.of(qoe, workload.batch)
-    stages, method, exact = _solve(pb, qoe.objective, bounds, strategy, deadline)
+    objective = qoe.objective
+    if workload.kind == "training":
+        # A training step is synchronous, so its throughput is batch / step latency: the most
+        # samples per second is the shortest step, and a throughput floor is a step-time bound.
+        bounds = _Bounds(
+            latency_s=min(bounds.latency_s, bounds.bottleneck_s),
+            energy_j=bounds.energy_j,
+        )
+        if objective == "max_throughput":
+            objective = "min_latency"
+    stages, method, exact = _solve(pb, objective, bounds, strategy, deadline)
     if stages is None:
         raise FailedPrecondition(_explain(pb, qoe, bounds, deadline, len(devices)))
     _log.debug(
