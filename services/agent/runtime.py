@@ -3,6 +3,10 @@
 A stage is a contiguous range of a zoo model's blocks. Its weights come from a WeightStore (the
 coordinator) as safetensors bytes, verified against the digest the deployment named, and cached
 on disk by digest so a restart or a re-deployment does not fetch them again.
+
+A stage loaded for training (``StageSpec.train``) also holds a ``StageTrainer`` (gradients,
+optimizer, replica group; see ``doramesh.agent.training``) and reaches its next stage through
+training links; its checkpoints live next to the weight cache, under ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import torch
 
 from doramesh import models
 from doramesh.agent.pacing import ComputePacer
+from doramesh.agent.training import CheckpointStore, StageTrainer, StepResult, TrainSettings
 from doramesh.channels import create_channel
 from doramesh.errors import (
     DoraMeshError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -31,6 +37,7 @@ from doramesh.errors import (
 )
 from doramesh.streams import PeerLink, Replica
 from doramesh.tokenbucket import TokenBucket
+from doramesh.training import TrainLink, TrainReplica
 from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 _log = structlog.get_logger("agent.runtime")
@@ -52,6 +59,8 @@ class StageSpec:
     weights_digest: str
     weights_source: str
     next: tuple[NextHopSpec, ...] = ()
+    #: Set when the stage is loaded for training.
+    train: TrainSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +85,39 @@ class LoadedStage:
     served: int = 0
     compute_s: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    trainer: StageTrainer | None = None
+    #: A training stage's next stage, reached through training links (``next`` stays empty).
+    train_next: list[TrainReplica] = field(default_factory=list)
+
+    def require_trainer(self) -> StageTrainer:
+        if self.trainer is None:
+            raise FailedPrecondition(f"stage {self.spec.stage_id!r} is not loaded for training")
+        return self.trainer
 
 
 async def _close_links(stage: LoadedStage) -> None:
     for replica in stage.next:
         await replica.link.close()
+    for train_replica in stage.train_next:
+        await train_replica.link.close()
+    if stage.trainer is not None:
+        await stage.trainer.close()
+
+
+def _bucket(hop: NextHopSpec) -> TokenBucket | None:
+    if hop.rate_mbps <= 0:
+        return None
+    return TokenBucket(hop.rate_mbps * 1e6 / 8, max(hop.burst_kb, 64) * 1e3)
+
+
+def _training_copies(spec: StageSpec) -> int:
+    """Copies of the weights a stage holds: 1 for inference; for training also the gradient
+    sum and the optimizer's state (momentum: 1, Adam: 2). Activations are not counted."""
+    if spec.train is None:
+        return 1
+    opt = spec.train.optimizer
+    states = 2 if opt.name in ("adam", "adamw") else (1 if opt.momentum > 0 else 0)
+    return 2 + states
 
 
 class WeightCache:
@@ -168,6 +205,7 @@ class StageRuntime:
         #: One compute resource per device: stages take turns, as on a real board.
         self._compute = asyncio.Lock()
         self._load_lock = asyncio.Lock()
+        self.checkpoints = CheckpointStore(cache.root / "checkpoints")
 
     @property
     def used_bytes(self) -> int:
@@ -185,7 +223,7 @@ class StageRuntime:
                 f"({len(table.layers)} layers)"
             )
         layers = table.layers[spec.first : spec.last + 1]
-        need = sum(layer.param_bytes for layer in layers)
+        need = sum(layer.param_bytes for layer in layers) * _training_copies(spec)
         async with self._load_lock:
             old = self.stages.get(spec.stage_id)
             free = self.memory_bytes - self.used_bytes + (old.param_bytes if old else 0)
@@ -202,20 +240,18 @@ class StageRuntime:
             module = await asyncio.to_thread(
                 models.load_stage, spec.model, spec.first, spec.last, data, device=self.device
             )
+            trainer = None
+            if spec.train is not None:
+                trainer = await asyncio.to_thread(self._trainer, spec, module)
             next_replicas = [
-                Replica(
-                    PeerLink(
-                        hop.address,
-                        bucket=(
-                            TokenBucket(hop.rate_mbps * 1e6 / 8, max(hop.burst_kb, 64) * 1e3)
-                            if hop.rate_mbps > 0
-                            else None
-                        ),
-                    ),
-                    hop.stage_id,
-                    hop.share,
-                )
+                Replica(PeerLink(hop.address, bucket=_bucket(hop)), hop.stage_id, hop.share)
                 for hop in spec.next
+                if spec.train is None
+            ]
+            train_next = [
+                TrainReplica(TrainLink(hop.address, bucket=_bucket(hop)), hop.stage_id, hop.share)
+                for hop in spec.next
+                if spec.train is not None
             ]
             stage = LoadedStage(
                 spec=spec,
@@ -228,6 +264,8 @@ class StageRuntime:
                     else table.layers[spec.first - 1].activation_bytes
                 ),
                 next=next_replicas,
+                trainer=trainer,
+                train_next=train_next,
             )
             if old is not None:
                 await _close_links(old)
@@ -241,8 +279,18 @@ class StageRuntime:
             mib=round(need / 2**20, 1),
             cache_hit=cache_hit,
             seconds=round(elapsed, 3),
+            training=spec.train is not None,
+            resumed_step=trainer.step if trainer is not None else None,
         )
         return stage, cache_hit, elapsed
+
+    def _trainer(self, spec: StageSpec, module: torch.nn.Module) -> StageTrainer:
+        assert spec.train is not None
+        trainer = StageTrainer.create(spec.train, module, spec.model, spec.first, spec.last)
+        if spec.train.resume_tag:
+            data = self.checkpoints.load(spec.train.resume_tag, spec.model, spec.first, spec.last)
+            trainer.load_checkpoint(data)
+        return trainer
 
     async def unload(self, stage_id: str) -> bool:
         stage = self.stages.pop(stage_id, None)
@@ -288,6 +336,134 @@ class StageRuntime:
         stage.served += 1
         stage.compute_s += seconds
         return out, seconds
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _gflops(self, stage: LoadedStage, x: torch.Tensor) -> float:
+        """The stage's forward GFLOPs on ``x``, scaled from its profiled input size."""
+        batch = x.shape[0] if x.dim() > 0 else 1
+        sample_bytes = x.numel() * x.element_size() / max(batch, 1)
+        scale = sample_bytes / stage.input_bytes_per_sample if stage.input_bytes_per_sample else 1
+        return stage.gflops_per_sample * batch * scale
+
+    async def train_forward(
+        self, stage: LoadedStage, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The forward pass of a training part, with its graph: (input leaf, output, seconds)."""
+        trainer = stage.require_trainer()
+        x = x.to(self.device)
+        async with self._compute:
+            (leaf, y), seconds = await self.pacer.run(
+                lambda: trainer.forward(x), self._gflops(stage, x)
+            )
+        stage.compute_s += seconds
+        return leaf, y, seconds
+
+    async def train_backward(
+        self,
+        stage: LoadedStage,
+        leaf: torch.Tensor,
+        y: torch.Tensor,
+        grad_y: torch.Tensor,
+    ) -> tuple[torch.Tensor, float]:
+        """Backward from the gradient of the stage's output; (input gradient, seconds).
+
+        Backward is paced as twice the forward's FLOPs, as the planner's cost model assumes.
+        """
+        trainer = stage.require_trainer()
+        grad_y = grad_y.to(self.device)
+        async with self._compute:
+            grad_x, seconds = await self.pacer.run(
+                lambda: trainer.backward(leaf, y, grad_y), 2 * self._gflops(stage, leaf)
+            )
+        stage.compute_s += seconds
+        return grad_x.to("cpu"), seconds
+
+    async def train_loss_backward(
+        self,
+        stage: LoadedStage,
+        leaf: torch.Tensor,
+        y: torch.Tensor,
+        labels: torch.Tensor,
+        loss_scale: float,
+    ) -> tuple[torch.Tensor, float, float]:
+        """At the last stage: loss and backward; (input gradient, loss, seconds)."""
+        trainer = stage.require_trainer()
+        labels = labels.to(self.device)
+        async with self._compute:
+            (grad_x, loss), seconds = await self.pacer.run(
+                lambda: trainer.loss_backward(leaf, y, labels, loss_scale),
+                2 * self._gflops(stage, leaf),
+            )
+        stage.compute_s += seconds
+        return grad_x.to("cpu"), loss, seconds
+
+    async def train_step(
+        self, stage: LoadedStage, step: int, *, timeout: float | None
+    ) -> StepResult:
+        """End a step: sum gradients with the stage's other replicas, then the optimizer step."""
+        trainer = stage.require_trainer()
+        trainer.check_step(step)
+        start = time.perf_counter()
+        async with trainer.sync_lock:
+            trainer.check_step(step)
+            parts = trainer.parts
+            if trainer.group_size == 1:
+                summed = trainer.flat_grads()
+            elif trainer.rendezvous is not None:
+                summed = await asyncio.wait_for(
+                    trainer.rendezvous.contribute(
+                        step, 0, trainer.flat_grads(), expected_step=trainer.step + 1
+                    ),
+                    timeout,
+                )
+            else:
+                summed = await trainer.sync_with_root(step, stage.spec.plan_epoch, timeout)
+            synced = time.perf_counter()
+            async with self._compute:
+                await asyncio.to_thread(trainer.apply, summed, step)
+        done = time.perf_counter()
+        _log.debug(
+            "train step",
+            stage_id=stage.spec.stage_id,
+            step=step,
+            parts=parts,
+            sync_ms=round((synced - start) * 1e3, 2),
+        )
+        return StepResult(step, parts, synced - start, done - synced)
+
+    async def contribute_gradients(
+        self, stage: LoadedStage, step: int, rank: int, tensors: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Rank 0's side of another replica's SyncGradients: its share in, the sum out."""
+        trainer = stage.require_trainer()
+        if trainer.rendezvous is None:
+            raise FailedPrecondition(
+                f"stage {stage.spec.stage_id!r} is rank {trainer.settings.rank}, not its "
+                "group's rank 0"
+            )
+        trainer.check_flat(tensors)
+        return await trainer.rendezvous.contribute(
+            step, rank, tensors, expected_step=trainer.step + 1
+        )
+
+    async def save_checkpoint(
+        self, stage: LoadedStage, tag: str, step: int
+    ) -> tuple[str, int, str]:
+        """Write the stage's checkpoint; (path, bytes, sha256)."""
+        trainer = stage.require_trainer()
+        if step != trainer.step:
+            raise FailedPrecondition(
+                f"checkpoint of step {step} asked, but the stage is at step {trainer.step}"
+            )
+        async with self._compute:
+            data = await asyncio.to_thread(trainer.checkpoint_bytes)
+        spec = stage.spec
+        path, digest = await asyncio.to_thread(
+            self.checkpoints.save, tag, spec.model, spec.first, spec.last, data
+        )
+        _log.info("checkpoint saved", stage_id=spec.stage_id, tag=tag, step=step, bytes=len(data))
+        return str(path), len(data), digest
 
     async def close(self) -> None:
         for stage_id in list(self.stages):

@@ -1,4 +1,9 @@
-"""The Agent gRPC servicer: thin, validating, calling the stage runtime."""
+"""The Agent gRPC servicer: thin, validating, calling the stage runtime.
+
+``Forward`` carries inference and training on the same kind of stream; a header with ``train``
+set is a training part, whose answer is the gradient of the loss with respect to the part's
+input (the backward pass, travelling upstream on the response path) and the part's loss.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,15 @@ import structlog
 import torch
 
 from doramesh import models
-from doramesh.agent.runtime import NextHopSpec, StageRuntime, StageSpec
+from doramesh.agent.runtime import LoadedStage, NextHopSpec, StageRuntime, StageSpec
+from doramesh.agent.training import ReplicaPeerSpec, TrainSettings, check_tag
 from doramesh.channels import CHUNK_BYTES
 from doramesh.convert import profile_to_pb
-from doramesh.errors import DoraMeshError, InvalidArgument
+from doramesh.errors import DoraMeshError, FailedPrecondition, InvalidArgument
 from doramesh.servicing import unary_errors
 from doramesh.streams import MAX_TENSOR_BYTES, fan_out
 from doramesh.tensors import FrameAssembler, iter_frames
+from doramesh.training import TrainPart, optimizer_from_pb, tagged_frames, train_fan_out
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -57,6 +64,7 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
         if hop.rate_mbps < 0 or hop.burst_kb < 0:
             raise InvalidArgument(f"next[{i}]: rate_mbps and burst_kb must be non-negative")
     return StageSpec(
+        train=_train_from_request(req) if req.HasField("train") else None,
         stage_id=req.stage_id,
         plan_epoch=req.plan_epoch,
         model=req.model,
@@ -68,6 +76,34 @@ def _spec_from_request(req: agent_pb2.LoadStageRequest) -> StageSpec:
         next=tuple(
             NextHopSpec(h.address, h.stage_id, h.share, h.rate_mbps, h.burst_kb) for h in req.next
         ),
+    )
+
+
+def _train_from_request(req: agent_pb2.LoadStageRequest) -> TrainSettings:
+    train = req.train
+    if not _ID.match(train.job_id):
+        raise InvalidArgument(f"train.job_id {train.job_id!r} is not a valid id")
+    if len(train.group) > MAX_NEXT_HOPS:
+        raise InvalidArgument(f"at most {MAX_NEXT_HOPS} replicas in a group")
+    group = []
+    for i, peer in enumerate(train.group):
+        if not _ADDRESS.match(peer.address):
+            raise InvalidArgument(f"train.group[{i}].address {peer.address!r} is not host:port")
+        if not _ID.match(peer.stage_id):
+            raise InvalidArgument(f"train.group[{i}].stage_id {peer.stage_id!r} is not valid")
+        group.append(ReplicaPeerSpec(peer.address, peer.stage_id))
+    if group and (train.rank >= len(group) or group[train.rank].stage_id != req.stage_id):
+        raise InvalidArgument(
+            f"train.rank {train.rank} does not name this stage {req.stage_id!r} in its group"
+        )
+    if train.resume_tag:
+        check_tag(train.resume_tag)
+    return TrainSettings(
+        job_id=train.job_id,
+        optimizer=optimizer_from_pb(train.optimizer),
+        rank=train.rank,
+        group=tuple(group),
+        resume_tag=train.resume_tag,
     )
 
 
@@ -108,6 +144,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             param_bytes=stage.param_bytes,
             cache_hit=cache_hit,
             load_seconds=seconds,
+            resumed_step=stage.trainer.step if stage.trainer is not None else 0,
         )
 
     @unary_errors
@@ -135,6 +172,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         async def handle(header: agent_pb2.ActivationHeader, x: torch.Tensor) -> None:
             try:
                 stage = self.runtime.get(header.stage_id, header.plan_epoch)
+                if header.HasField("train"):
+                    async for frame in self._train_part(stage, header, x):
+                        await out.put(frame)
+                    return
+                if stage.trainer is not None:
+                    raise FailedPrecondition(
+                        f"stage {stage.spec.stage_id!r} is loaded for training, not inference"
+                    )
                 y, seconds = await self.runtime.compute(stage, x)
                 compute_ms = seconds * 1e3
                 if stage.next:
@@ -201,3 +246,130 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+    async def _train_part(
+        self, stage: LoadedStage, header: agent_pb2.ActivationHeader, x: torch.Tensor
+    ) -> AsyncIterator[agent_pb2.ActivationFrame]:
+        """One training part: forward with autograd, the rest of the pipeline (or the loss, at
+        the last stage), backward; answers with the gradient of the input and the loss.
+
+        The part's graph lives in this coroutine's locals while it waits for the gradient of its
+        output, and is freed as soon as the backward pass has run.
+        """
+        trainer = stage.require_trainer()
+        part = TrainPart.from_pb(header.train, x.shape[0] if x.dim() > 0 else 0)
+        if part.job_id != trainer.settings.job_id:
+            raise FailedPrecondition(
+                f"part of job {part.job_id!r}; stage trains job {trainer.settings.job_id!r}"
+            )
+        trainer.check_step(part.step)
+        leaf, y, fwd_s = await self.runtime.train_forward(stage, x)
+        if stage.train_next:
+            below = await train_fan_out(
+                stage.train_next, y.detach(), part, plan_epoch=stage.spec.plan_epoch
+            )
+            grad_x, bwd_s = await self.runtime.train_backward(stage, leaf, y, below.grad)
+            loss, below_ms = below.loss, below.compute_ms
+        else:
+            grad_x, loss, bwd_s = await self.runtime.train_loss_backward(
+                stage, leaf, y, part.labels, part.loss_scale
+            )
+            below_ms = 0.0
+        del leaf, y
+        stage.served += 1
+
+        def tag(h: agent_pb2.ActivationHeader) -> None:
+            h.loss = loss
+
+        for frame in tagged_frames(
+            grad_x,
+            tag,
+            stage_id=header.stage_id,
+            plan_epoch=header.plan_epoch,
+            request_id=header.request_id,
+            microbatch_id=header.microbatch_id,
+            compute_ms=(fwd_s + bwd_s) * 1e3 + below_ms,
+        ):
+            yield frame
+
+    @unary_errors
+    async def TrainStep(
+        self, request: agent_pb2.TrainStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.TrainStepResponse:
+        stage = self.runtime.get(request.stage_id, request.plan_epoch)
+        result = await self.runtime.train_step(
+            stage, request.step, timeout=context.time_remaining()
+        )
+        return agent_pb2.TrainStepResponse(
+            step=result.step,
+            parts=result.parts,
+            sync_ms=result.sync_s * 1e3,
+            step_ms=result.step_s * 1e3,
+        )
+
+    async def SyncGradients(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.ActivationFrame],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.ActivationFrame]:
+        """Rank 0's end of a replica's gradient exchange: its flat gradients in (validated
+        against this stage's layout before any buffer is allocated), the group's sum out."""
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or not first.HasField("header") or not first.header.HasField("sync"):
+                raise InvalidArgument("SyncGradients must start with a header carrying `sync`")
+            head = first.header
+            stage = self.runtime.get(head.stage_id, head.plan_epoch)
+            trainer = stage.require_trainer()
+            layout = trainer.flat_layout()
+            if head.sync.count != len(layout):
+                raise InvalidArgument(
+                    f"{head.sync.count} gradient tensors sent; this stage has {len(layout)}"
+                )
+            max_bytes = max(n * torch.empty((), dtype=d).element_size() for d, n in layout)
+            assembler = FrameAssembler(
+                max_bytes, max_chunk_bytes=CHUNK_BYTES, max_pending=len(layout)
+            )
+            got: dict[int, torch.Tensor] = {}
+
+            def take(frame: agent_pb2.ActivationFrame) -> None:
+                if frame.HasField("header") and (
+                    frame.header.sync.step != head.sync.step
+                    or frame.header.sync.rank != head.sync.rank
+                    or frame.header.microbatch_id >= len(layout)
+                ):
+                    raise InvalidArgument("gradient frames disagree on step, rank or index")
+                done = assembler.feed(frame)
+                if done is not None:
+                    got[done[0].microbatch_id] = done[1]
+
+            take(first)
+            async for frame in request_iterator:
+                take(frame)
+            if sorted(got) != list(range(len(layout))):
+                raise InvalidArgument(f"{len(got)} of {len(layout)} gradient tensors arrived")
+            summed = await self.runtime.contribute_gradients(
+                stage, head.sync.step, head.sync.rank, [got[i] for i in range(len(layout))]
+            )
+        except DoraMeshError as err:
+            _log.info("gradient sync refused", status=err.status.name, error=err.message)
+            await context.abort(err.status.grpc_code, err.message)
+            return
+        for i, t in enumerate(summed):
+            for frame in iter_frames(
+                t,
+                stage_id=head.stage_id,
+                plan_epoch=head.plan_epoch,
+                request_id=head.request_id,
+                microbatch_id=i,
+            ):
+                yield frame
+
+    @unary_errors
+    async def SaveCheckpoint(
+        self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.SaveCheckpointResponse:
+        check_tag(request.tag)
+        stage = self.runtime.get(request.stage_id, request.plan_epoch)
+        path, size, digest = await self.runtime.save_checkpoint(stage, request.tag, request.step)
+        return agent_pb2.SaveCheckpointResponse(path=path, bytes=size, sha256=digest)

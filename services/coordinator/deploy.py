@@ -1,5 +1,10 @@
 """Deployment: ask the planner for a plan over the live fleet, load its stages on the agents,
-and keep what inference needs (the entry link, the plan epoch, latency statistics)."""
+and keep what inference needs (the entry link, the plan epoch, latency statistics).
+
+A training job deploys its own stages (``deploy_training``): the same plan checks and loading,
+with each replica told its optimizer, its rank and its stage's replica group, and entered
+through training links. Those stages belong to the job, not to the model's serving deployment,
+and are unloaded when the job ends."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from doramesh.errors import (
     error_for,
 )
 from doramesh.streams import PeerLink, Replica, StageResult, fan_out
+from doramesh.training import OptimizerSpec, TrainLink, TrainReplica, optimizer_to_pb
 from doramesh.types import Network, NodeId, Plan, QoESpec, Workload
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, planner_pb2, planner_pb2_grpc
 
@@ -51,6 +57,16 @@ class ReplicaRef:
     share: float
 
 
+@dataclass(frozen=True, slots=True)
+class TrainSetup:
+    """What every stage of a training deployment is told: whose job, which optimizer, and the
+    checkpoint to start from ("" = the seeded weights)."""
+
+    job_id: str
+    optimizer: OptimizerSpec
+    resume_tag: str = ""
+
+
 @dataclass(slots=True)
 class Deployment:
     model: str
@@ -70,6 +86,11 @@ class Deployment:
     #: Requests that failed on this deployment's agents and were replayed on a new plan.
     replayed: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+    #: Set on a training job's deployment.
+    train: TrainSetup | None = None
+    train_entry: list[TrainReplica] = field(default_factory=list)
+    #: Per replica stage id, the step its checkpoint was taken at (0 when not resumed).
+    resumed_steps: dict[str, int] = field(default_factory=dict)
 
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
@@ -94,6 +115,8 @@ class Deployer:
         self.network = network
         self.weights_source = weights_source
         self.deployments: dict[str, Deployment] = {}
+        #: Training jobs' deployments, by job id, while they run.
+        self.trainings: dict[str, Deployment] = {}
         self._epochs = itertools.count(int(time.time()))
         self._lock = asyncio.Lock()
         self._recovering: dict[str, asyncio.Lock] = {}
@@ -150,33 +173,10 @@ class Deployer:
         qoe = qoe or QoESpec(objective="max_throughput")
         workload = workload or Workload()
         async with self._lock:
-            if plan is None:
-                plan = await self.plan(model, qoe, workload, planner, timeout_s)
-            else:
-                self.check_plan(model, plan)
-            epoch = next(self._epochs)
-            replicas = [
-                [
-                    ReplicaRef(
-                        f"{model}@{epoch}/s{i}r{k}", d.id, self.registry.address(d.id), d.share
-                    )
-                    for k, d in enumerate(stage.devices)
-                    if d.share > 0
-                ]
-                for i, stage in enumerate(plan.stages)
-            ]
-            dep = Deployment(
-                model, seed, epoch, plan, replicas, qoe=qoe, workload=workload, planner=planner
+            dep = await self._load_plan(
+                model, seed, qoe, workload, planner, plan, timeout_s, train=None
             )
-            try:
-                # Last stage first, so every stage's next hop is loaded before traffic can flow.
-                for i in reversed(range(len(plan.stages))):
-                    await self._load(dep, i, timeout_s)
-            except DoraMeshError as err:
-                dep.status, dep.error = "failed", err.message
-                await self._unload(dep)
-                raise
-            dep.entry = [Replica(PeerLink(r.address), r.stage_id, r.share) for r in replicas[0]]
+            dep.entry = [Replica(PeerLink(r.address), r.stage_id, r.share) for r in dep.replicas[0]]
             dep.status = "ready"
             old = self.deployments.get(model)
             self.deployments[model] = dep
@@ -185,10 +185,115 @@ class Deployer:
         _log.info(
             "deployed",
             model=model,
-            plan_epoch=epoch,
-            stages=[[s.first, s.last, [d.id for d in s.devices]] for s in plan.stages],
+            plan_epoch=dep.plan_epoch,
+            stages=[[s.first, s.last, [d.id for d in s.devices]] for s in dep.plan.stages],
         )
         return dep
+
+    async def _load_plan(
+        self,
+        model: str,
+        seed: int,
+        qoe: QoESpec,
+        workload: Workload,
+        planner: str,
+        plan: Plan | None,
+        timeout_s: float,
+        *,
+        train: TrainSetup | None,
+    ) -> Deployment:
+        """Plan (or check ``plan``), then load every stage; unloads what it loaded on failure."""
+        if plan is None:
+            plan = await self.plan(model, qoe, workload, planner, timeout_s)
+        else:
+            self.check_plan(model, plan)
+        epoch = next(self._epochs)
+        prefix = f"{model}@{epoch}" if train is None else f"{model}@{epoch}/{train.job_id}"
+        replicas = [
+            [
+                ReplicaRef(f"{prefix}/s{i}r{k}", d.id, self.registry.address(d.id), d.share)
+                for k, d in enumerate(stage.devices)
+                if d.share > 0
+            ]
+            for i, stage in enumerate(plan.stages)
+        ]
+        dep = Deployment(
+            model,
+            seed,
+            epoch,
+            plan,
+            replicas,
+            qoe=qoe,
+            workload=workload,
+            planner=planner,
+            train=train,
+        )
+        try:
+            # Last stage first, so every stage's next hop is loaded before traffic can flow.
+            for i in reversed(range(len(plan.stages))):
+                await self._load(dep, i, timeout_s)
+        except DoraMeshError as err:
+            dep.status, dep.error = "failed", err.message
+            await self._unload(dep)
+            raise
+        return dep
+
+    async def deploy_training(
+        self,
+        model: str,
+        train: TrainSetup,
+        *,
+        seed: int = 0,
+        qoe: QoESpec | None = None,
+        workload: Workload | None = None,
+        planner: str = "doramesh",
+        plan: Plan | None = None,
+        timeout_s: float = DEFAULT_RPC_TIMEOUT_S * 4,
+    ) -> tuple[Deployment, int]:
+        """Load ``model``'s stages for training job ``train.job_id``; returns the deployment and
+        the step it starts after (the checkpoint's step when resuming, else 0)."""
+        models.require_served(model)
+        if train.job_id in self.trainings:
+            raise FailedPrecondition(f"training job {train.job_id!r} is already running")
+        qoe = qoe or QoESpec(objective="max_throughput")
+        workload = workload or Workload(kind="training")
+        async with self._lock:
+            dep = await self._load_plan(
+                model, seed, qoe, workload, planner, plan, timeout_s, train=train
+            )
+        steps = set(dep.resumed_steps.values())
+        if len(steps) != 1:
+            await self._unload(dep)
+            raise FailedPrecondition(
+                f"checkpoint {train.resume_tag!r} holds different steps on different stages: "
+                f"{dict(sorted(dep.resumed_steps.items()))}"
+            )
+        (resumed,) = steps
+        dep.train_entry = [
+            TrainReplica(TrainLink(r.address), r.stage_id, r.share) for r in dep.replicas[0]
+        ]
+        dep.status = "ready"
+        self.trainings[train.job_id] = dep
+        _log.info(
+            "deployed for training",
+            model=model,
+            job_id=train.job_id,
+            plan_epoch=dep.plan_epoch,
+            resumed_step=resumed,
+            stages=[[s.first, s.last, [d.id for d in s.devices]] for s in dep.plan.stages],
+        )
+        return dep, resumed
+
+    async def retire_training(self, dep: Deployment) -> None:
+        """Close a training job's links and unload its stages (its checkpoints stay on disk)."""
+        if dep.train is not None:
+            self.trainings.pop(dep.train.job_id, None)
+        for replica in dep.train_entry:
+            await replica.link.close()
+        await self._unload(dep)
+
+    def agent_stub(self, address: str) -> agent_pb2_grpc.AgentStub:
+        return agent_pb2_grpc.AgentStub(self._channel(address))
 
     async def _load(self, dep: Deployment, i: int, timeout_s: float) -> None:
         """Load every replica of stage ``i``, each pointing at all replicas of stage i+1."""
@@ -196,7 +301,10 @@ class Deployer:
         _, digest = await self.weights.get(StageKey(dep.model, dep.seed, stage.first, stage.last))
         nxt = dep.replicas[i + 1] if i + 1 < len(dep.replicas) else []
         flows = {(f.src, f.dst): f for f in dep.plan.flows}
-        for replica in dep.replicas[i]:
+        group = [
+            agent_pb2.ReplicaPeer(address=r.address, stage_id=r.stage_id) for r in dep.replicas[i]
+        ]
+        for rank, replica in enumerate(dep.replicas[i]):
             hops = [
                 agent_pb2.NextHop(
                     address=n.address,
@@ -219,13 +327,25 @@ class Deployer:
                 weights_source=self.weights_source,
                 next=hops,
             )
+            if dep.train is not None:
+                request.train.CopyFrom(
+                    agent_pb2.TrainSpec(
+                        job_id=dep.train.job_id,
+                        optimizer=optimizer_to_pb(dep.train.optimizer),
+                        resume_tag=dep.train.resume_tag,
+                        rank=rank,
+                        group=group,
+                    )
+                )
             stub = agent_pb2_grpc.AgentStub(self._channel(replica.address))
             try:
-                await stub.LoadStage(request, timeout=timeout_s)
+                response = await stub.LoadStage(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as err:
                 raise error_for(
                     err.code(), f"loading stage {i} on {replica.device}: {err.details()}"
                 ) from err
+            if dep.train is not None:
+                dep.resumed_steps[replica.stage_id] = response.resumed_step
 
     async def _unload(self, dep: Deployment) -> None:
         for r in (r for stage in dep.replicas for r in stage):
@@ -377,6 +497,9 @@ class Deployer:
         for dep in list(self.deployments.values()):
             for replica in dep.entry:
                 await replica.link.close()
+        for dep in list(self.trainings.values()):
+            for train_replica in dep.train_entry:
+                await train_replica.link.close()
         for channel in self._agent_channels.values():
             await channel.close()
         if self._planner_channel is not None:

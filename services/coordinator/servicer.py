@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,9 +15,16 @@ from doramesh import convert
 from doramesh.channels import MAX_MESSAGE_BYTES
 from doramesh.coordinator.deploy import Deployer, Deployment
 from doramesh.coordinator.registry import FleetRegistry
+from doramesh.coordinator.training import (
+    DEFAULT_TRAIN_TIMEOUT_S,
+    StepReport,
+    TrainingJobs,
+    TrainJob,
+)
 from doramesh.errors import InvalidArgument
 from doramesh.servicing import stream_errors, unary_errors
 from doramesh.tensors import tensor_from_pb, tensor_to_pb
+from doramesh.training import optimizer_from_pb
 from doramesh.types import Workload
 from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -34,6 +42,44 @@ def deployment_to_pb(dep: Deployment) -> coordinator_pb2.Deployment:
     )
 
 
+def train_job_from_pb(request: coordinator_pb2.TrainRequest) -> TrainJob:
+    """The request as a domain value (validated by ``TrainJob.check`` when the job starts)."""
+    if not request.model:
+        raise InvalidArgument("model is required")
+    return TrainJob(
+        model=request.model,
+        steps=request.steps,
+        batch=request.batch or 8,
+        microbatches=request.microbatches or 1,
+        optimizer=optimizer_from_pb(request.optimizer),
+        seed=request.seed,
+        data_seed=request.data_seed,
+        sample_shape=tuple(request.sample_shape) or None,
+        plan=convert.plan_from_pb(request.plan) if request.HasField("plan") else None,
+        planner=request.planner or "doramesh",
+        qoe=convert.qoe_from_pb(request.qoe) if request.HasField("qoe") else None,
+        checkpoint_every=request.checkpoint_every,
+        resume_from=request.resume_from,
+        job_id=request.job_id,
+        dataset_batches=request.dataset_batches,
+    )
+
+
+def progress_to_pb(report: StepReport) -> coordinator_pb2.TrainProgress:
+    return coordinator_pb2.TrainProgress(
+        job_id=report.job_id,
+        step=report.step,
+        last_step=report.last_step,
+        loss=report.loss,
+        step_ms=report.step_ms,
+        plan_epoch=report.plan_epoch,
+        plan=convert.plan_to_pb(report.plan),
+        checkpoint=report.checkpoint,
+        samples_per_s=report.samples_per_s,
+        resumed_from=report.resumed_from,
+    )
+
+
 def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
     remaining = context.time_remaining()
     return default_s if remaining is None else max(0.0, remaining)
@@ -41,11 +87,17 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
-        self, registry: FleetRegistry, deployer: Deployer, *, infer_timeout_s: float
+        self,
+        registry: FleetRegistry,
+        deployer: Deployer,
+        *,
+        infer_timeout_s: float,
+        training: TrainingJobs | None = None,
     ) -> None:
         self.registry = registry
         self.deployer = deployer
         self.infer_timeout_s = infer_timeout_s
+        self.training = training or TrainingJobs(deployer)
 
     @unary_errors
     async def Fleet(
@@ -161,3 +213,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             latency_ms_p50=dep.percentile(0.5),
             latency_ms_p95=dep.percentile(0.95),
         )
+
+    @stream_errors
+    async def Train(
+        self, request: coordinator_pb2.TrainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[coordinator_pb2.TrainProgress]:
+        """One progress message per step; the job stops (and frees its stages) if the caller
+        cancels or its deadline passes."""
+        job = train_job_from_pb(request)
+        timeout_s = _deadline(context, DEFAULT_TRAIN_TIMEOUT_S)
+        async with contextlib.aclosing(self.training.run(job, timeout_s=timeout_s)) as reports:
+            async for report in reports:
+                yield progress_to_pb(report)

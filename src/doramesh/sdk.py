@@ -8,6 +8,8 @@ Every call takes a deadline (``timeout``; the client's default otherwise) and ra
         client.deploy("resnet18")
         logits = client.infer("resnet18", torch.randn(1, 3, 224, 224))
         print(client.fleet())
+        for p in client.train("mlp-tiny", steps=20, batch=16, optimizer="adam", lr=1e-3):
+            print(p.step, p.loss, p.step_ms)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from doramesh.errors import (
     from_rpc_error,
 )
 from doramesh.tensors import tensor_from_pb, tensor_to_pb
+from doramesh.training import OptimizerName, OptimizerSpec, optimizer_to_pb
 from doramesh.types import DeviceProfile, Plan, QoESpec, Workload
 from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -55,10 +58,16 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OptimizerSpec",
     "ResourceExhausted",
     "Status",
+    "TrainProgress",
     "Unavailable",
 ]
+
+#: Deadline of a training job when ``train`` is given no ``timeout``: jobs outlive the client's
+#: default deadline for single calls by far.
+TRAIN_TIMEOUT_S = 6 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,86 @@ class JobStatus:
     requests_failed: int
     latency_ms_p50: float
     latency_ms_p95: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrainProgress:
+    """One completed step of a training job."""
+
+    job_id: str
+    step: int
+    last_step: int
+    loss: float
+    step_ms: float
+    plan_epoch: int
+    plan: Plan
+    #: The checkpoint tag saved after this step ("" if none): pass it as ``resume_from``.
+    checkpoint: str
+    samples_per_s: float
+    resumed_from: int
+
+
+def _train_request(
+    model: str,
+    *,
+    steps: int,
+    batch: int,
+    microbatches: int,
+    optimizer: OptimizerName | OptimizerSpec,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    seed: int,
+    data_seed: int,
+    sample_shape: tuple[int, ...] | None,
+    plan: Plan | None,
+    planner: str,
+    qoe: QoESpec | None,
+    checkpoint_every: int,
+    resume_from: str,
+    job_id: str,
+    dataset_batches: int,
+) -> coordinator_pb2.TrainRequest:
+    spec = (
+        optimizer
+        if isinstance(optimizer, OptimizerSpec)
+        else OptimizerSpec(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    )
+    req = coordinator_pb2.TrainRequest(
+        model=model,
+        seed=seed,
+        planner=planner,
+        steps=steps,
+        batch=batch,
+        microbatches=microbatches,
+        optimizer=optimizer_to_pb(spec),
+        data_seed=data_seed,
+        sample_shape=list(sample_shape or ()),
+        checkpoint_every=checkpoint_every,
+        resume_from=resume_from,
+        job_id=job_id,
+        dataset_batches=dataset_batches,
+    )
+    if plan is not None:
+        req.plan.CopyFrom(convert.plan_to_pb(plan))
+    if qoe is not None:
+        req.qoe.CopyFrom(convert.qoe_to_pb(qoe))
+    return req
+
+
+def _train_progress(pb: coordinator_pb2.TrainProgress) -> TrainProgress:
+    return TrainProgress(
+        job_id=pb.job_id,
+        step=pb.step,
+        last_step=pb.last_step,
+        loss=pb.loss,
+        step_ms=pb.step_ms,
+        plan_epoch=pb.plan_epoch,
+        plan=convert.plan_from_pb(pb.plan),
+        checkpoint=pb.checkpoint,
+        samples_per_s=pb.samples_per_s,
+        resumed_from=pb.resumed_from,
+    )
 
 
 def _deployment(pb: coordinator_pb2.Deployment) -> DeploymentView:
@@ -218,6 +307,67 @@ class Client:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
+    def train(
+        self,
+        model: str,
+        *,
+        steps: int,
+        batch: int = 8,
+        microbatches: int = 1,
+        optimizer: OptimizerName | OptimizerSpec = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        data_seed: int = 0,
+        sample_shape: tuple[int, ...] | None = None,
+        plan: Plan | None = None,
+        planner: str = "doramesh",
+        qoe: QoESpec | None = None,
+        checkpoint_every: int = 0,
+        resume_from: str = "",
+        job_id: str = "",
+        dataset_batches: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[TrainProgress]:
+        """Train ``model`` across the fleet; yields each step's progress as it completes.
+
+        ``optimizer`` is a name (with ``lr``, ``momentum``, ``weight_decay``) or a full
+        ``OptimizerSpec``. The data is synthetic, drawn from ``data_seed`` per step (or cycling
+        over ``dataset_batches`` fixed batches).
+        ``checkpoint_every`` saves every N steps and after the last; a progress's
+        ``checkpoint`` tag given as ``resume_from`` continues from there. Stopping the iteration
+        cancels the job. ``timeout`` bounds the whole job (default ``TRAIN_TIMEOUT_S``).
+        """
+        request = _train_request(
+            model,
+            steps=steps,
+            batch=batch,
+            microbatches=microbatches,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=seed,
+            data_seed=data_seed,
+            sample_shape=sample_shape,
+            plan=plan,
+            planner=planner,
+            qoe=qoe,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+            job_id=job_id,
+            dataset_batches=dataset_batches,
+        )
+        call = self._stub.Train(request, timeout=TRAIN_TIMEOUT_S if timeout is None else timeout)
+        try:
+            for resp in call:
+                yield _train_progress(resp)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
     def job_status(self, model: str, *, timeout: float | None = None) -> JobStatus:
         try:
             resp = self._stub.JobStatus(
@@ -314,6 +464,67 @@ class AsyncClient:
                 yield _infer_result(resp)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+
+    async def train(
+        self,
+        model: str,
+        *,
+        steps: int,
+        batch: int = 8,
+        microbatches: int = 1,
+        optimizer: OptimizerName | OptimizerSpec = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        data_seed: int = 0,
+        sample_shape: tuple[int, ...] | None = None,
+        plan: Plan | None = None,
+        planner: str = "doramesh",
+        qoe: QoESpec | None = None,
+        checkpoint_every: int = 0,
+        resume_from: str = "",
+        job_id: str = "",
+        dataset_batches: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[TrainProgress]:
+        """Train ``model`` across the fleet; yields each step's progress as it completes.
+
+        ``optimizer`` is a name (with ``lr``, ``momentum``, ``weight_decay``) or a full
+        ``OptimizerSpec``. The data is synthetic, drawn from ``data_seed`` per step (or cycling
+        over ``dataset_batches`` fixed batches).
+        ``checkpoint_every`` saves every N steps and after the last; a progress's
+        ``checkpoint`` tag given as ``resume_from`` continues from there. Stopping the iteration
+        cancels the job. ``timeout`` bounds the whole job (default ``TRAIN_TIMEOUT_S``).
+        """
+        request = _train_request(
+            model,
+            steps=steps,
+            batch=batch,
+            microbatches=microbatches,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=seed,
+            data_seed=data_seed,
+            sample_shape=sample_shape,
+            plan=plan,
+            planner=planner,
+            qoe=qoe,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
+            job_id=job_id,
+            dataset_batches=dataset_batches,
+        )
+        call = self._stub.Train(request, timeout=TRAIN_TIMEOUT_S if timeout is None else timeout)
+        try:
+            async for resp in call:
+                yield _train_progress(resp)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
     async def job_status(self, model: str, *, timeout: float | None = None) -> JobStatus:
         try:

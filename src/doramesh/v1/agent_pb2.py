@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from doramesh.v1 import common_pb2 as doramesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64oramesh/v1/agent.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x13\n\x11GetProfileRequest\"\xe4\x01\n\x10LoadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05\x66irst\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\r\x12\x16\n\x0eweights_digest\x18\x07 \x01(\t\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\"\n\x04next\x18\x0e \x03(\x0b\x32\x14.doramesh.v1.NextHopJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0e\"`\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x11\n\trate_mbps\x18\x04 \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x05 \x01(\x01\"c\n\x11LoadStageResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x02 \x01(\x04\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\'\n\x13UnloadStageResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\xc1\x01\n\x10\x41\x63tivationHeader\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\x04\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\r\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\"y\n\x0f\x41\x63tivationFrame\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.doramesh.v1.ActivationHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.doramesh.v1.ActivationChunkH\x00\x42\x06\n\x04kind\"F\n\x0f\x41\x63tivationChunk\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xba\x02\n\x05\x41gent\x12H\n\nGetProfile\x12\x1e.doramesh.v1.GetProfileRequest\x1a\x1a.doramesh.v1.DeviceProfile\x12J\n\tLoadStage\x12\x1d.doramesh.v1.LoadStageRequest\x1a\x1e.doramesh.v1.LoadStageResponse\x12P\n\x0bUnloadStage\x12\x1f.doramesh.v1.UnloadStageRequest\x1a .doramesh.v1.UnloadStageResponse\x12I\n\x07\x46orward\x12\x1c.doramesh.v1.ActivationFrame\x1a\x1c.doramesh.v1.ActivationFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64oramesh/v1/agent.proto\x12\x0b\x64oramesh.v1\x1a\x18\x64oramesh/v1/common.proto\"\x13\n\x11GetProfileRequest\"\x8b\x02\n\x10LoadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05\x66irst\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\r\x12\x16\n\x0eweights_digest\x18\x07 \x01(\t\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\"\n\x04next\x18\x0e \x03(\x0b\x32\x14.doramesh.v1.NextHop\x12%\n\x05train\x18\x0f \x01(\x0b\x32\x16.doramesh.v1.TrainSpecJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0e\"\x95\x01\n\tTrainSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\toptimizer\x18\x02 \x01(\x0b\x32\x1a.doramesh.v1.OptimizerSpec\x12\x12\n\nresume_tag\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\'\n\x05group\x18\x05 \x03(\x0b\x32\x18.doramesh.v1.ReplicaPeer\"|\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x10\n\x08momentum\x18\x03 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x04 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x05 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x06 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\"0\n\x0bReplicaPeer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\"`\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08stage_id\x18\x02 \x01(\t\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x11\n\trate_mbps\x18\x04 \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x05 \x01(\x01\"y\n\x11LoadStageResponse\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x13\n\x0bparam_bytes\x18\x02 \x01(\x04\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cresumed_step\x18\x05 \x01(\x04\"&\n\x12UnloadStageRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\'\n\x13UnloadStageResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\"\x9f\x02\n\x10\x41\x63tivationHeader\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rmicrobatch_id\x18\x04 \x01(\x04\x12%\n\x04meta\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\r\x12\x12\n\ncompute_ms\x18\x08 \x01(\x01\x12%\n\x05train\x18\t \x01(\x0b\x32\x16.doramesh.v1.TrainPart\x12\x0c\n\x04loss\x18\n \x01(\x01\x12\'\n\x04sync\x18\x0b \x01(\x0b\x32\x19.doramesh.v1.GradientSync\"\x86\x01\n\tTrainPart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x12\n\nmicrobatch\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\nloss_scale\x18\x05 \x01(\x01\x12#\n\x06labels\x18\x06 \x01(\x0b\x32\x13.doramesh.v1.Tensor\"9\n\x0cGradientSync\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"F\n\x10TrainStepRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\"R\n\x11TrainStepResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05parts\x18\x02 \x01(\r\x12\x0f\n\x07sync_ms\x18\x03 \x01(\x01\x12\x0f\n\x07step_ms\x18\x04 \x01(\x01\"X\n\x15SaveCheckpointRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x04\"E\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"y\n\x0f\x41\x63tivationFrame\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1d.doramesh.v1.ActivationHeaderH\x00\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.doramesh.v1.ActivationChunkH\x00\x42\x06\n\x04kind\"F\n\x0f\x41\x63tivationChunk\x12\x15\n\rmicrobatch_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xb2\x04\n\x05\x41gent\x12H\n\nGetProfile\x12\x1e.doramesh.v1.GetProfileRequest\x1a\x1a.doramesh.v1.DeviceProfile\x12J\n\tLoadStage\x12\x1d.doramesh.v1.LoadStageRequest\x1a\x1e.doramesh.v1.LoadStageResponse\x12P\n\x0bUnloadStage\x12\x1f.doramesh.v1.UnloadStageRequest\x1a .doramesh.v1.UnloadStageResponse\x12I\n\x07\x46orward\x12\x1c.doramesh.v1.ActivationFrame\x1a\x1c.doramesh.v1.ActivationFrame(\x01\x30\x01\x12J\n\tTrainStep\x12\x1d.doramesh.v1.TrainStepRequest\x1a\x1e.doramesh.v1.TrainStepResponse\x12O\n\rSyncGradients\x12\x1c.doramesh.v1.ActivationFrame\x1a\x1c.doramesh.v1.ActivationFrame(\x01\x30\x01\x12Y\n\x0eSaveCheckpoint\x12\".doramesh.v1.SaveCheckpointRequest\x1a#.doramesh.v1.SaveCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILEREQUEST']._serialized_start=66
   _globals['_GETPROFILEREQUEST']._serialized_end=85
   _globals['_LOADSTAGEREQUEST']._serialized_start=88
-  _globals['_LOADSTAGEREQUEST']._serialized_end=316
-  _globals['_NEXTHOP']._serialized_start=318
-  _globals['_NEXTHOP']._serialized_end=414
-  _globals['_LOADSTAGERESPONSE']._serialized_start=416
-  _globals['_LOADSTAGERESPONSE']._serialized_end=515
-  _globals['_UNLOADSTAGEREQUEST']._serialized_start=517
-  _globals['_UNLOADSTAGEREQUEST']._serialized_end=555
-  _globals['_UNLOADSTAGERESPONSE']._serialized_start=557
-  _globals['_UNLOADSTAGERESPONSE']._serialized_end=596
-  _globals['_ACTIVATIONHEADER']._serialized_start=599
-  _globals['_ACTIVATIONHEADER']._serialized_end=792
-  _globals['_ACTIVATIONFRAME']._serialized_start=794
-  _globals['_ACTIVATIONFRAME']._serialized_end=915
-  _globals['_ACTIVATIONCHUNK']._serialized_start=917
-  _globals['_ACTIVATIONCHUNK']._serialized_end=987
-  _globals['_AGENT']._serialized_start=990
-  _globals['_AGENT']._serialized_end=1304
+  _globals['_LOADSTAGEREQUEST']._serialized_end=355
+  _globals['_TRAINSPEC']._serialized_start=358
+  _globals['_TRAINSPEC']._serialized_end=507
+  _globals['_OPTIMIZERSPEC']._serialized_start=509
+  _globals['_OPTIMIZERSPEC']._serialized_end=633
+  _globals['_REPLICAPEER']._serialized_start=635
+  _globals['_REPLICAPEER']._serialized_end=683
+  _globals['_NEXTHOP']._serialized_start=685
+  _globals['_NEXTHOP']._serialized_end=781
+  _globals['_LOADSTAGERESPONSE']._serialized_start=783
+  _globals['_LOADSTAGERESPONSE']._serialized_end=904
+  _globals['_UNLOADSTAGEREQUEST']._serialized_start=906
+  _globals['_UNLOADSTAGEREQUEST']._serialized_end=944
+  _globals['_UNLOADSTAGERESPONSE']._serialized_start=946
+  _globals['_UNLOADSTAGERESPONSE']._serialized_end=985
+  _globals['_ACTIVATIONHEADER']._serialized_start=988
+  _globals['_ACTIVATIONHEADER']._serialized_end=1275
+  _globals['_TRAINPART']._serialized_start=1278
+  _globals['_TRAINPART']._serialized_end=1412
+  _globals['_GRADIENTSYNC']._serialized_start=1414
+  _globals['_GRADIENTSYNC']._serialized_end=1471
+  _globals['_TRAINSTEPREQUEST']._serialized_start=1473
+  _globals['_TRAINSTEPREQUEST']._serialized_end=1543
+  _globals['_TRAINSTEPRESPONSE']._serialized_start=1545
+  _globals['_TRAINSTEPRESPONSE']._serialized_end=1627
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=1629
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=1717
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1719
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1788
+  _globals['_ACTIVATIONFRAME']._serialized_start=1790
+  _globals['_ACTIVATIONFRAME']._serialized_end=1911
+  _globals['_ACTIVATIONCHUNK']._serialized_start=1913
+  _globals['_ACTIVATIONCHUNK']._serialized_end=1983
+  _globals['_AGENT']._serialized_start=1986
+  _globals['_AGENT']._serialized_end=2548
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class GetProfileRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next")
+    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next", "train")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class LoadStageRequest(_message.Message):
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     plan_epoch: int
     model: str
@@ -31,7 +32,48 @@ class LoadStageRequest(_message.Message):
     weights_digest: str
     weights_source: str
     next: _containers.RepeatedCompositeFieldContainer[NextHop]
-    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+    train: TrainSpec
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ...) -> None: ...
+
+class TrainSpec(_message.Message):
+    __slots__ = ("job_id", "optimizer", "resume_tag", "rank", "group")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TAG_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    optimizer: OptimizerSpec
+    resume_tag: str
+    rank: int
+    group: _containers.RepeatedCompositeFieldContainer[ReplicaPeer]
+    def __init__(self, job_id: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., resume_tag: _Optional[str] = ..., rank: _Optional[int] = ..., group: _Optional[_Iterable[_Union[ReplicaPeer, _Mapping]]] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("name", "lr", "momentum", "weight_decay", "beta1", "beta2", "eps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class ReplicaPeer(_message.Message):
+    __slots__ = ("address", "stage_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    stage_id: str
+    def __init__(self, address: _Optional[str] = ..., stage_id: _Optional[str] = ...) -> None: ...
 
 class NextHop(_message.Message):
     __slots__ = ("address", "stage_id", "share", "rate_mbps", "burst_kb")
@@ -48,16 +90,18 @@ class NextHop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., stage_id: _Optional[str] = ..., share: _Optional[float] = ..., rate_mbps: _Optional[float] = ..., burst_kb: _Optional[float] = ...) -> None: ...
 
 class LoadStageResponse(_message.Message):
-    __slots__ = ("stage_id", "param_bytes", "cache_hit", "load_seconds")
+    __slots__ = ("stage_id", "param_bytes", "cache_hit", "load_seconds", "resumed_step")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_STEP_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     param_bytes: int
     cache_hit: bool
     load_seconds: float
-    def __init__(self, stage_id: _Optional[str] = ..., param_bytes: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    resumed_step: int
+    def __init__(self, stage_id: _Optional[str] = ..., param_bytes: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., load_seconds: _Optional[float] = ..., resumed_step: _Optional[int] = ...) -> None: ...
 
 class UnloadStageRequest(_message.Message):
     __slots__ = ("stage_id",)
@@ -72,7 +116,7 @@ class UnloadStageResponse(_message.Message):
     def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
 
 class ActivationHeader(_message.Message):
-    __slots__ = ("stage_id", "plan_epoch", "request_id", "microbatch_id", "meta", "error", "error_code", "compute_ms")
+    __slots__ = ("stage_id", "plan_epoch", "request_id", "microbatch_id", "meta", "error", "error_code", "compute_ms", "train", "loss", "sync")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +125,9 @@ class ActivationHeader(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     plan_epoch: int
     request_id: str
@@ -89,7 +136,80 @@ class ActivationHeader(_message.Message):
     error: str
     error_code: int
     compute_ms: float
-    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., request_id: _Optional[str] = ..., microbatch_id: _Optional[int] = ..., meta: _Optional[_Union[_common_pb2.TensorMeta, _Mapping]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    train: TrainPart
+    loss: float
+    sync: GradientSync
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., request_id: _Optional[str] = ..., microbatch_id: _Optional[int] = ..., meta: _Optional[_Union[_common_pb2.TensorMeta, _Mapping]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., compute_ms: _Optional[float] = ..., train: _Optional[_Union[TrainPart, _Mapping]] = ..., loss: _Optional[float] = ..., sync: _Optional[_Union[GradientSync, _Mapping]] = ...) -> None: ...
+
+class TrainPart(_message.Message):
+    __slots__ = ("job_id", "step", "microbatch", "offset", "loss_scale", "labels")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    microbatch: int
+    offset: int
+    loss_scale: float
+    labels: _common_pb2.Tensor
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., microbatch: _Optional[int] = ..., offset: _Optional[int] = ..., loss_scale: _Optional[float] = ..., labels: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GradientSync(_message.Message):
+    __slots__ = ("step", "rank", "count")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    rank: int
+    count: int
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("stage_id", "plan_epoch", "step")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    plan_epoch: int
+    step: int
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class TrainStepResponse(_message.Message):
+    __slots__ = ("step", "parts", "sync_ms", "step_ms")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    parts: int
+    sync_ms: float
+    step_ms: float
+    def __init__(self, step: _Optional[int] = ..., parts: _Optional[int] = ..., sync_ms: _Optional[float] = ..., step_ms: _Optional[float] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("stage_id", "plan_epoch", "tag", "step")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    plan_epoch: int
+    tag: str
+    step: int
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., tag: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("path", "bytes", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    bytes: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
     __slots__ = ("header", "chunk")

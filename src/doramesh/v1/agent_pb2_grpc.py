@@ -57,6 +57,21 @@ class AgentStub:
                 request_serializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
                 response_deserializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
                 _registered_method=True)
+        self.TrainStep = channel.unary_unary(
+                '/doramesh.v1.Agent/TrainStep',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
+        self.SyncGradients = channel.stream_stream(
+                '/doramesh.v1.Agent/SyncGradients',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
+                _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/doramesh.v1.Agent/SaveCheckpoint',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -87,6 +102,36 @@ class AgentServicer:
         header frame then chunk frames; this agent runs its stage, forwards the
         output to its next hop (or, at the last stage, keeps it) and answers with
         the final result of the pipeline for that microbatch, as frames.
+
+        Training uses the same stream: a request header with `train` set runs the stage with
+        autograd, and the answer for that microbatch is the gradient of the loss with respect to
+        the sender's output (what the sender needs for its own backward pass), with the loss in
+        `loss`. So the backward pass travels upstream on the response path, hop by hop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainStep(self, request, context):
+        """Ends one optimizer step of a training stage: its replicas sum their gradients
+        (SyncGradients, rank 0 reduces), then every replica applies the same optimizer step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncGradients(self, request_iterator, context):
+        """Called by the other replicas of a stage on its rank 0, during TrainStep: the caller sends
+        its summed gradients (flat tensors, chunked like activations; `sync` set on each header)
+        and receives the sum over all replicas, in rank order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Saves a training stage's parameters and optimizer state as safetensors in this agent's
+        cache directory, under a checkpoint tag. LoadStage with `train.resume_tag` loads them back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +159,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
                     response_serializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
+            ),
+            'TrainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.TrainStepRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'SyncGradients': grpc.stream_stream_rpc_method_handler(
+                    servicer.SyncGradients,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +286,87 @@ class Agent:
             '/doramesh.v1.Agent/Forward',
             doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
             doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/TrainStep',
+            doramesh_dot_v1_dot_agent__pb2.TrainStepRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncGradients(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/doramesh.v1.Agent/SyncGradients',
+            doramesh_dot_v1_dot_agent__pb2.ActivationFrame.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.ActivationFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/SaveCheckpoint',
+            doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

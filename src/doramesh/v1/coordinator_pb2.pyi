@@ -1,3 +1,4 @@
+from doramesh.v1 import agent_pb2 as _agent_pb2
 from doramesh.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -138,3 +139,61 @@ class WeightChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, digest: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("model", "seed", "plan", "planner", "qoe", "steps", "batch", "microbatches", "optimizer", "data_seed", "sample_shape", "checkpoint_every", "resume_from", "job_id", "dataset_batches")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    QOE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    DATA_SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    seed: int
+    plan: _common_pb2.Plan
+    planner: str
+    qoe: _common_pb2.QoESpec
+    steps: int
+    batch: int
+    microbatches: int
+    optimizer: _agent_pb2.OptimizerSpec
+    data_seed: int
+    sample_shape: _containers.RepeatedScalarFieldContainer[int]
+    checkpoint_every: int
+    resume_from: str
+    job_id: str
+    dataset_batches: int
+    def __init__(self, model: _Optional[str] = ..., seed: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., planner: _Optional[str] = ..., qoe: _Optional[_Union[_common_pb2.QoESpec, _Mapping]] = ..., steps: _Optional[int] = ..., batch: _Optional[int] = ..., microbatches: _Optional[int] = ..., optimizer: _Optional[_Union[_agent_pb2.OptimizerSpec, _Mapping]] = ..., data_seed: _Optional[int] = ..., sample_shape: _Optional[_Iterable[int]] = ..., checkpoint_every: _Optional[int] = ..., resume_from: _Optional[str] = ..., job_id: _Optional[str] = ..., dataset_batches: _Optional[int] = ...) -> None: ...
+
+class TrainProgress(_message.Message):
+    __slots__ = ("job_id", "step", "last_step", "loss", "step_ms", "plan_epoch", "plan", "checkpoint", "samples_per_s", "resumed_from")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    step: int
+    last_step: int
+    loss: float
+    step_ms: float
+    plan_epoch: int
+    plan: _common_pb2.Plan
+    checkpoint: str
+    samples_per_s: float
+    resumed_from: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., last_step: _Optional[int] = ..., loss: _Optional[float] = ..., step_ms: _Optional[float] = ..., plan_epoch: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., checkpoint: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., resumed_from: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class CoordinatorStub:
                 request_serializer=doramesh_dot_v1_dot_coordinator__pb2.JobStatusRequest.SerializeToString,
                 response_deserializer=doramesh_dot_v1_dot_coordinator__pb2.JobStatusResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/doramesh.v1.Coordinator/Train',
+                request_serializer=doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -96,6 +101,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """Trains (fine-tunes) a model across the fleet: forward and backward through the pipeline
+        stages, gradients summed among each stage's replicas, one optimizer step per step; one
+        progress message per step. The data is synthetic (see TrainRequest.data_seed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +137,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.JobStatus,
                     request_deserializer=doramesh_dot_v1_dot_coordinator__pb2.JobStatusRequest.FromString,
                     response_serializer=doramesh_dot_v1_dot_coordinator__pb2.JobStatusResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +280,33 @@ class Coordinator:
             '/doramesh.v1.Coordinator/JobStatus',
             doramesh_dot_v1_dot_coordinator__pb2.JobStatusRequest.SerializeToString,
             doramesh_dot_v1_dot_coordinator__pb2.JobStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/doramesh.v1.Coordinator/Train',
+            doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.SerializeToString,
+            doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.FromString,
             options,
             channel_credentials,
             insecure,
