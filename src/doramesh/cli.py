@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     planning_time.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                                help="write the results as JSON to this file")
 
+    from doramesh.train_cli import add_train_parser
+
+    add_train_parser(sub)
+
     plan = sub.add_parser("plan", help="plan a scenario file offline",
                           description="Plan a scenario file (YAML, see scenarios/) offline and "
                           "print the plan set.")
@@ -516,6 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         from doramesh.demo import run_demo
 
         sys.exit(run_demo(args))
+    if args.command == "train":
+        from doramesh.train_cli import run_train
+
+        sys.exit(run_train(args))
     if args.command == "plan":
         from doramesh.plan_cli import run_plan
 
