@@ -419,6 +419,7 @@ class StageRuntime:
                 )
             else:
                 summed = await trainer.sync_with_root(step, stage.spec.plan_epoch, timeout)
+                summed = [t.to(self.device) for t in summed]
             synced = time.perf_counter()
             async with self._compute:
                 await asyncio.to_thread(trainer.apply, summed, step)
@@ -444,7 +445,7 @@ class StageRuntime:
             )
         trainer.check_flat(tensors)
         return await trainer.rendezvous.contribute(
-            step, rank, tensors, expected_step=trainer.step + 1
+            step, rank, [t.to(self.device) for t in tensors], expected_step=trainer.step + 1
         )
 
     async def save_checkpoint(

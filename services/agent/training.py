@@ -272,7 +272,7 @@ class StageTrainer:
             offset = 0
             for i in idx:
                 p = self.params[i]
-                p.grad = tensor[offset : offset + p.numel()].view_as(p).clone()
+                p.grad = tensor[offset : offset + p.numel()].view_as(p).to(p.device, copy=True)
                 offset += p.numel()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,14 +337,14 @@ class StageTrainer:
     def checkpoint_bytes(self) -> bytes:
         """Parameters, buffers and optimizer state as safetensors, plus what they belong to."""
         tensors: dict[str, torch.Tensor] = {
-            f"model.{k}": v.detach().contiguous().clone()
+            f"model.{k}": v.detach().to("cpu", copy=True).contiguous()
             for k, v in self.module.state_dict().items()
         }
         state = self.optimizer.state_dict()["state"]
         for i, name in enumerate(self.names):
             for key, value in state.get(i, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{name}.{key}"] = value.detach().contiguous().clone()
+                    tensors[f"optim.{name}.{key}"] = value.detach().to("cpu").contiguous().clone()
                 elif value is not None:
                     tensors[f"optim.{name}.{key}"] = torch.tensor(float(value), dtype=torch.float64)
         meta = {

@@ -232,8 +232,10 @@ class Deployer:
             # Last stage first, so every stage's next hop is loaded before traffic can flow.
             for i in reversed(range(len(plan.stages))):
                 await self._load(dep, i, timeout_s)
-        except DoraMeshError as err:
-            dep.status, dep.error = "failed", err.message
+        except (DoraMeshError, asyncio.CancelledError) as err:
+            # A caller that went away (a cancelled Train) must not leave stages loaded either.
+            dep.status = "failed"
+            dep.error = err.message if isinstance(err, DoraMeshError) else "cancelled"
             await self._unload(dep)
             raise
         return dep

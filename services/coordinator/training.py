@@ -43,7 +43,13 @@ from doramesh.errors import (
 )
 from doramesh.models.zoo import check_sample_shape
 from doramesh.streams import split_by_shares
-from doramesh.training import OptimizerSpec, SyntheticData, TrainPart, train_fan_out
+from doramesh.training import (
+    MAX_LABEL_BYTES,
+    OptimizerSpec,
+    SyntheticData,
+    TrainPart,
+    train_fan_out,
+)
 from doramesh.types import Plan, QoESpec, Workload
 from doramesh.v1 import agent_pb2
 
@@ -144,7 +150,12 @@ class TrainingJobs:
 
     async def run(self, job: TrainJob, *, timeout_s: float) -> AsyncGenerator[StepReport, None]:
         """Deploy, run ``job.steps`` steps, yield a report after each; the job's stages are
-        unloaded when it ends, fails or its caller goes away (use ``contextlib.aclosing``)."""
+        unloaded when it ends, fails or its caller goes away (use ``contextlib.aclosing``).
+
+        Resuming without a plan reuses the plan the checkpoint was taken on, which this
+        coordinator remembers; after a coordinator restart, pass that plan (or let the planner
+        choose, and an agent without the checkpoint of its stage refuses with NotFound).
+        """
         job = job.check()
         deadline = time.monotonic() + timeout_s
         # Before any stage is loaded: a model whose output is not logits fails here, cheaply.
@@ -158,6 +169,13 @@ class TrainingJobs:
                 distinct_batches=job.dataset_batches,
             )
         )
+        largest = -(-job.batch // job.microbatches)
+        label_bytes = largest * (data.sample_shape[0] if data.tokens else 1) * 8
+        if label_bytes > MAX_LABEL_BYTES:
+            raise InvalidArgument(
+                f"a microbatch's labels would take {label_bytes} bytes, over the "
+                f"{MAX_LABEL_BYTES}-byte limit of a header: use more microbatches"
+            )
         plan = job.plan
         if job.resume_from and plan is None:
             record = self.checkpoints.get(job.resume_from)
