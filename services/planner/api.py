@@ -773,11 +773,7 @@ def _explain(search: _Search, bounds: milp.Bounds) -> QoEUnreachable:
         value = _figure(best.pc, name)
         on = ",".join(dict.fromkeys(m.id for s in best.stages for m in s.devices))
         missed = _violation(best.pc, name, bound)
-        verb = {
-            "latency_ms": "the fastest plan takes",
-            "min_throughput_sps": "the highest-throughput plan reaches",
-            "energy_j_per_sample": "the most frugal plan needs",
-        }[name]
+        verb = "best plan needs" if name == "energy_j_per_sample" else "best plan reaches"
         text = f"{verb} {_fmt(name, value)} on {on}"
         if missed > 0:
             reasons.append(

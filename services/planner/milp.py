@@ -1191,12 +1191,14 @@ def _solve_highs(
                 None,
                 {"solution": solution, "model_status": "kOptimal"},
             )
-    # Compiling took part of the budget; leave a little for reading the answer back.
+    # Compiling took part of the budget; leave some for HiGHS' own overrun of its limit and
+    # for reading the answer back and checking it.
     left = deadline - time.perf_counter()
-    if left < 0.02:
+    budget = left - max(0.03, 0.1 * left)
+    if budget < 0.01:
         return "not-run", None, False
     options = {
-        "time_limit": left * 0.95 - 0.01,
+        "time_limit": budget,
         "mip_rel_gap": mip_gap,
         "threads": 1,
         "random_seed": 0,
