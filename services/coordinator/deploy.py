@@ -146,6 +146,9 @@ class Deployer:
             workload=convert.workload_to_pb(workload),
             qoe=convert.qoe_to_pb(qoe),
             planner=planner,
+            # The coordinator runs one plan per model for now, so it asks for the best single
+            # plan: the first plan of a larger set is chosen to leave devices to the others.
+            max_plans=1,
         )
         try:
             response = await stub.Plan(request, timeout=timeout_s)
