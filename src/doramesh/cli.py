@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=5, help="requests per model (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="weights and input seed")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.add_argument("--no-train", action="store_true",
+                      help="skip the short distributed training run")
 
     fleet = sub.add_parser("fleet", help="show the fleet a coordinator sees")
     fleet.add_argument(

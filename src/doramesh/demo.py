@@ -76,7 +76,78 @@ async def _run_model(
     }
 
 
-async def demo(n_agents: int, model_names: list[str], requests: int, seed: int) -> dict[str, Any]:
+TRAIN_MODEL = "resnet18"
+TRAIN_SHAPE = (3, 32, 32)
+TRAIN_STEPS = 5
+TRAIN_BATCH = 8
+TRAIN_LR = 0.01
+TRAIN_MOMENTUM = 0.9
+#: Per-step loss tolerance of distributed vs single-process training (float32).
+TRAIN_TOLERANCE = 1e-5
+
+
+def _train_locally(seed: int) -> list[float]:
+    """The same job in one process, plain torch: the reference the fleet must match."""
+    import torch.nn.functional as F
+
+    from doramesh.training import SyntheticData
+
+    model = models.build_blocks(TRAIN_MODEL, seed)  # eval mode: frozen BN statistics
+    opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR, momentum=TRAIN_MOMENTUM)
+    data = SyntheticData.for_model(TRAIN_MODEL, seed, TRAIN_BATCH, TRAIN_SHAPE)
+    losses = []
+    for step in range(1, TRAIN_STEPS + 1):
+        x, y = data.step(step)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+async def _run_training(client: AsyncClient, seed: int) -> dict[str, Any]:
+    from doramesh.training import OptimizerSpec
+
+    progress = [
+        p
+        async for p in client.train(
+            TRAIN_MODEL,
+            steps=TRAIN_STEPS,
+            batch=TRAIN_BATCH,
+            microbatches=2,
+            optimizer=OptimizerSpec("sgd", lr=TRAIN_LR, momentum=TRAIN_MOMENTUM),
+            seed=seed,
+            data_seed=seed,
+            sample_shape=TRAIN_SHAPE,
+            qoe=QoESpec(objective="min_latency"),
+            timeout=600,
+        )
+    ]
+    local = _train_locally(seed)
+    diff = max(abs(p.loss - ref) for p, ref in zip(progress, local, strict=True))
+    plan = progress[-1].plan
+    return {
+        "model": TRAIN_MODEL,
+        "sample_shape": list(TRAIN_SHAPE),
+        "steps": TRAIN_STEPS,
+        "batch": TRAIN_BATCH,
+        "stages": [
+            {"layers": [s.first, s.last], "devices": [d.id for d in s.devices]}
+            for s in plan.stages
+        ],
+        "losses": [p.loss for p in progress],
+        "local_losses": local,
+        "max_loss_diff": diff,
+        "tolerance": TRAIN_TOLERANCE,
+        "matches_local": diff <= TRAIN_TOLERANCE,
+        "step_ms_mean": statistics.mean(p.step_ms for p in progress),
+    }
+
+
+async def demo(
+    n_agents: int, model_names: list[str], requests: int, seed: int, *, train: bool = True
+) -> dict[str, Any]:
     for name in model_names:
         models.get_spec(name)
     start = time.perf_counter()
@@ -87,6 +158,7 @@ async def demo(n_agents: int, model_names: list[str], requests: int, seed: int) 
             results = [
                 await _run_model(client, name, requests=requests, seed=seed) for name in model_names
             ]
+            training = await _run_training(client, seed) if train else None
     return {
         "agents": [
             {
@@ -101,7 +173,9 @@ async def demo(n_agents: int, model_names: list[str], requests: int, seed: int) 
         ],
         "fleet_ready_s": round(discovered_s, 2),
         "inference": results,
-        "ok": all(r["matches_local"] for r in results),
+        "training": training,
+        "ok": all(r["matches_local"] for r in results)
+        and (training is None or training["matches_local"]),
     }
 
 
@@ -138,6 +212,21 @@ def _print_tables(report: dict[str, Any]) -> None:
             "yes" if r["matches_local"] else "NO",
         )
     console.print(runs)
+    t = report.get("training")
+    if t:
+        train = Table(title=f"distributed training vs one process: {t['model']} "
+                      f"{'x'.join(map(str, t['sample_shape']))}, batch {t['batch']}, SGD")
+        train.add_column("stages: layers -> agent", no_wrap=True)
+        for col in ("step", "loss (fleet)", "loss (local)", "|diff|"):
+            train.add_column(col, justify="right")
+        stages = "\n".join(
+            f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}"
+            for s in t["stages"]
+        )
+        for i, (a, b) in enumerate(zip(t["losses"], t["local_losses"], strict=True)):
+            train.add_row(stages if i == 0 else "", str(i + 1), f"{a:.6f}", f"{b:.6f}",
+                          f"{abs(a - b):.1e}")
+        console.print(train)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -145,7 +234,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.agents < 1:
         print("doramesh demo: --agents must be at least 1", file=sys.stderr)
         return 2
-    report = asyncio.run(demo(args.agents, model_names, args.requests, args.seed))
+    report = asyncio.run(
+        demo(args.agents, model_names, args.requests, args.seed, train=not args.no_train)
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
