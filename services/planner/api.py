@@ -75,12 +75,18 @@ DEFAULT_MAX_PLANS = 4
 MAX_PLANS_LIMIT = 16
 #: Planning time when the caller sets none (seconds).
 DEFAULT_TIME_LIMIT_S = 5.0
-#: Blocks the model is coarsened to before planning.
+#: Blocks the partitioner's program sees at most (plus the cuts of its warm start).
 MAX_BLOCKS = 20
+#: Models with at most this many layers are planned by the dynamic program layer by layer;
+#: longer ones on ``DP_BLOCKS`` blocks (its work grows with the square of the cut positions).
+DP_FULL_LAYERS = 32
+DP_BLOCKS = 24
 #: Devices the dynamic program sees at most (its work doubles with each one).
 DP_MAX_DEVICES = 10
 #: A battery-powered device must last at least this long at a plan's average draw.
 DEFAULT_BATTERY_HOURS = 1.0
+#: Utilisation each plan is loaded to at most when several share the request rate.
+MIX_UTILISATION = 0.85
 #: Replicas the greedy data-parallel search adds at most.
 MAX_GROW_STEPS = 16
 #: The partitioner is not started with less time than this left (seconds).
@@ -226,6 +232,7 @@ class _Search:
     qoe: QoESpec
     deadline: float
     co: coarsen.Coarsening
+    """The dynamic program's blocks (and the refinement's: boundaries move within one)."""
     coarse: LayerTable
     milp_ready: bool
     battery_hours: float | None = DEFAULT_BATTERY_HOURS
@@ -281,6 +288,8 @@ class _Search:
                 min(found, key=lambda c: milp.objective_key(objective, c.pc)) if found else None
             )
             warm = incumbent.stages if incumbent is not None else None
+            # The program's blocks keep the incumbent's cuts, so it is a point of the program.
+            keep = [s.last for s in warm[:-1]] if warm is not None else []
             result = milp.solve(
                 pool,
                 self.table,
@@ -288,7 +297,7 @@ class _Search:
                 self.workload,
                 QoESpec(objective),
                 bounds=bounds,
-                coarsening=self.co,
+                coarsening=coarsen.coarsen(self.table, MAX_BLOCKS, keep_cuts=keep),
                 warm_start=warm,
                 time_limit_s=time_left,
                 battery_hours=self.battery_hours,
@@ -405,9 +414,13 @@ class _Search:
 
         Coarsening kept only some cuts; the devices and groups stay, only the split moves.
         """
-        if self.co.exact or len(cand.stages) < 2:
-            return cand
-        reach = max(last - first + 1 for first, last in self.co.blocks)
+        n = len(self.table.layers)
+        if n <= MAX_BLOCKS or len(cand.stages) < 2:
+            return cand  # nothing was coarsened
+        # The widest block of either search's coarsening bounds how far a cut may be off.
+        reach = max(
+            max(last - first + 1 for first, last in self.co.blocks), math.ceil(n / MAX_BLOCKS) + 1
+        )
         stages = list(cand.stages)
         best_key = milp.objective_key(objective, cand.pc)
         best_pc = cand.pc
@@ -479,7 +492,9 @@ def _plan_doramesh(
     if not milp_ready and limit >= COLD_IMPORT_BUDGET_S:
         warm_up()
         milp_ready = True
-    co = coarsen.coarsen(table, MAX_BLOCKS)
+    co = coarsen.coarsen(
+        table, DP_BLOCKS if len(table.layers) > DP_FULL_LAYERS else len(table.layers)
+    )
     search = _Search(
         devices=tuple(devices),
         table=table,
@@ -666,10 +681,11 @@ def _mix(
     """Share of the requests each plan serves.
 
     Only plans on disjoint devices run at once; the first plan always runs, and for training
-    it runs alone. With a request
-    rate, plans take it in order up to what each can serve (all of it scaled down when even
-    together they cannot). Without one, ``max_throughput`` runs every such plan flat out (shares
-    in proportion to throughput) and the other objectives run the first plan alone.
+    it runs alone. With a request rate the first plan serves it alone when it can; otherwise
+    the fewest plans (in order) that serve it at ``MIX_UTILISATION`` share it in proportion to
+    their throughput (all of them, when even that is not enough). Without one,
+    ``max_throughput`` runs every such plan flat out (shares in proportion to throughput) and
+    the other objectives run the first plan alone.
     """
     runnable: list[Plan] = []
     busy: set[str] = set()
@@ -691,19 +707,20 @@ def _mix(
         return mix
     demand = workload.rate_rps * workload.batch  # samples per second
     if demand > 0:
-        capacity = {p.plan_id: p.predicted.throughput_sps for p in runnable}
-        if sum(capacity.values()) < demand:
-            total = sum(capacity.values())
-            for p in runnable:
-                mix[p.plan_id] = capacity[p.plan_id] / total
+        capacity = [p.predicted.throughput_sps for p in runnable]
+        if capacity[0] >= demand:
+            mix[runnable[0].plan_id] = 1.0  # the first plan keeps up alone
             return mix
-        left = demand
-        for p in runnable:
-            take = min(left, capacity[p.plan_id])
-            mix[p.plan_id] = take / demand
-            left -= take
-            if left <= 0:
+        # Share the load over as few plans as leave each some headroom, at equal utilisation:
+        # a plan run at its limit by an irregular share of the arrivals builds a queue.
+        count = len(runnable)
+        for k in range(1, len(runnable) + 1):
+            if sum(capacity[:k]) * MIX_UTILISATION >= demand:
+                count = k
                 break
+        total = sum(capacity[:count])
+        for p, cap in zip(runnable[:count], capacity[:count], strict=True):
+            mix[p.plan_id] = cap / total
         return mix
     if objective == "max_throughput":
         total = sum(p.predicted.throughput_sps for p in runnable)

@@ -97,7 +97,7 @@ def identity(n_layers: int, table: LayerTable | None = None) -> Coarsening:
     return Coarsening(blocks, n_layers, fraction)
 
 
-def coarsen(table: LayerTable, max_blocks: int) -> Coarsening:
+def coarsen(table: LayerTable, max_blocks: int, *, keep_cuts: Sequence[int] = ()) -> Coarsening:
     """At most ``max_blocks`` blocks of adjacent layers, balanced, cut at small activations.
 
     A dynamic program over (blocks used, last layer) minimises the sum over blocks of
@@ -105,13 +105,17 @@ def coarsen(table: LayerTable, max_blocks: int) -> Coarsening:
     ``CUT_ACTIVATION_WEIGHT * activation / largest activation``: squares spread the work evenly,
     and the cut term moves boundaries towards small activations when balance allows it.
     ``O(max_blocks * N^2)``, vectorised over the start layer.
+
+    ``keep_cuts`` (layer indices a cut must follow) become block boundaries whatever they cost,
+    so that a plan cut there (say, the dynamic program's) is a plan over the blocks too.
     """
     n = len(table.layers)
     if max_blocks < 1:
         raise ValueError("max_blocks must be at least 1")
-    if n <= max_blocks:
+    forced = sorted({c for c in keep_cuts if 0 <= c < n - 1})
+    if n <= max_blocks or n <= len(forced) + 1:
         return identity(n, table)
-    k_blocks = max_blocks
+    k_blocks = max(max_blocks, len(forced) + 1)
     flops = np.array([layer.gflops for layer in table.layers], dtype=np.float64)
     params = np.array([float(layer.param_bytes) for layer in table.layers], dtype=np.float64)
     acts = np.array([float(layer.activation_bytes) for layer in table.layers], dtype=np.float64)
@@ -128,6 +132,8 @@ def coarsen(table: LayerTable, max_blocks: int) -> Coarsening:
         (fp[None, 1:] - fp[:-1, None]) / f_target, (pp[None, 1:] - pp[:-1, None]) / p_target
     )
     balance = np.where(upper, balance**2, math.inf)  # [i, j]: cost of the block i..j
+    for c in forced:
+        balance[: c + 1, c + 1 :] = math.inf  # no block may straddle a kept cut
 
     # best[k, j]: least cost of covering layers 0..j with k+1 blocks, the last ending at j.
     best = np.full((k_blocks, n), math.inf)
