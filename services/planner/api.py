@@ -22,8 +22,10 @@ The ``doramesh`` planner, within ``time_limit_s`` (model building included, neve
 
 When the request rate is given, the first plan is asked to keep up with it alone
 (``bottleneck <= 1 / rate``), since a pipeline that cannot queues without bound; only when no
-plan can does the set share the load. A QoE no plan meets raises ``QoEUnreachable`` naming the
-bound, by how much it is missed, and the closest plan.
+plan can does the set share the load. With ``max_throughput`` and a request rate, throughput
+past the rate is only headroom: the first plan is the least-latency one with
+``THROUGHPUT_HEADROOM`` times the rate, if there is one. A QoE no plan meets raises
+``QoEUnreachable`` naming the bound, by how much it is missed, and the closest plan.
 
 Baseline planners live in ``baselines.py`` (``BASELINES``), imported when first asked for.
 """
@@ -85,6 +87,8 @@ DP_BLOCKS = 24
 DP_MAX_DEVICES = 10
 #: A battery-powered device must last at least this long at a plan's average draw.
 DEFAULT_BATTERY_HOURS = 1.0
+#: ``max_throughput`` with a request rate: capacity over the rate that counts as enough.
+THROUGHPUT_HEADROOM = 2.0
 #: Utilisation each plan is loaded to at most when several share the request rate.
 MIX_UTILISATION = 0.85
 #: Replicas the greedy data-parallel search adds at most.
@@ -513,7 +517,24 @@ def _plan_doramesh(
     rate_period = 1.0 / workload.rate_rps if workload.rate_rps > 0 else math.inf
     capped = bounds.tightened(rate_period)
 
-    first = search.best(devices, capped, objective, share=0.6, record=True)
+    first: _Candidate | None = None
+    if (
+        objective == "max_throughput"
+        and math.isfinite(rate_period)
+        and workload.kind == "inference"
+    ):
+        # An open loop delivers the request rate and no more: past it, capacity is only
+        # headroom. Serve the rate with THROUGHPUT_HEADROOM x to spare at the least latency,
+        # which keeps slack against the SLO and fewer devices exposed to trouble; only when no
+        # plan has that headroom is throughput itself maximised.
+        roomy = bounds.tightened(rate_period / THROUGHPUT_HEADROOM)
+        first = search.best(devices, roomy, "min_latency", share=0.4, record=True)
+        if first is not None:
+            search.notes.append(
+                f"serves the request rate with {THROUGHPUT_HEADROOM:g}x headroom at least latency"
+            )
+    if first is None:
+        first = search.best(devices, capped, objective, share=0.6, record=True)
     keeps_up = first is not None
     used_bounds = capped
     if first is None and math.isfinite(rate_period):
