@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="planner to include; repeat for several (default: all)")
     bench_planner.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                                help="write the records as JSON to this file")
+    bench_planner.add_argument("--markdown", dest="markdown_out", default=None, metavar="OUT",
+                               help="also write the table as Markdown to this file")
     planning_time = bench_sub.add_parser(
         "planning-time", help="planning time on synthetic 16x96 and 64x200 fleets")
     planning_time.add_argument("--json", dest="json_out", default=None, metavar="OUT",
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.bench == "planner":
             from doramesh.bench.planner import main as planner_main
 
-            sys.exit(planner_main(args.scenarios, args.json_out, args.planner))
+            sys.exit(planner_main(args.scenarios, args.json_out, args.planner, args.markdown_out))
         if args.bench == "planning-time":
             from doramesh.bench.planning_time import main as planning_time_main
 

@@ -300,8 +300,18 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(scenarios: str, json_out: str | None, planners: Sequence[str] | None = None) -> int:
+def main(
+    scenarios: str,
+    json_out: str | None,
+    planners: Sequence[str] | None = None,
+    markdown_out: str | None = None,
+) -> int:
     result = run_planner_bench(scenarios, planners=planners or PLANNERS)
+    if markdown_out:
+        Path(markdown_out).write_text(
+            f"Produced by `doramesh bench planner --scenarios {scenarios}`; every figure is the "
+            "simulator's, not the planner's own prediction.\n\n" + render(result) + "\n"
+        )
     from rich.console import Console
     from rich.markdown import Markdown
 
