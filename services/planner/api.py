@@ -262,13 +262,28 @@ class _Search:
         until = time.perf_counter() + max(self.left(), 0.0) * share
         found: list[_Candidate] = []
         subset = _dp_subset(pool, objective)
-        dp_stages, exact = self._dp(subset, bounds, objective, until)
+        # The DP models a training step as a pipeline in steady state, but steps are
+        # synchronous (cost.py): throughput is batch / step latency, so max_throughput is
+        # min_latency, and the energy's period is the step too (the DP's energy plan is one
+        # candidate, its latency plan another; the cost model decides).
+        dp_objectives: list[Objective] = [objective]
+        if self.workload.kind == "training" and objective != "min_latency":
+            dp_objectives = (
+                ["min_latency"] if objective == "max_throughput" else [objective, "min_latency"]
+            )
+        proven: list[bool] = []
+        for dp_objective in dp_objectives:
+            dp_stages, dp_exact = self._dp(subset, bounds, dp_objective, until)
+            # Proven for the real objective only where the DP's model agrees with cost.py.
+            proven.append(dp_exact and (dp_objective == objective or objective == "max_throughput"))
+            if dp_stages is not None:
+                pc = self._valid(dp_stages, bounds)
+                if pc is not None:
+                    found.append(_Candidate(dp_stages, pc, "dp"))
+        training_energy = self.workload.kind == "training" and objective == "min_energy"
+        exact = all(proven) and not training_energy
         if record:
             self.dp_exact = exact
-        if dp_stages is not None:
-            pc = self._valid(dp_stages, bounds)
-            if pc is not None:
-                found.append(_Candidate(dp_stages, pc, "dp"))
         if self.workload.batch >= 2:
             # Data-parallel replicas where they pay, greedily, from the DP's plan and from the
             # best single device: good incumbents make the partitioner's search short.

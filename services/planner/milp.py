@@ -1049,6 +1049,9 @@ def _build(
     else:
         for term in net_terms:
             lower(bottleneck, term)
+    if d.workload.kind == "training":
+        # A step is synchronous (cost.py): the next one starts when this one ends.
+        lower(bottleneck, latency)
     cons.append(bottleneck >= cost.MIN_BOTTLENECK_S * _MS)
 
     # Energy per microbatch (mJ), and battery budgets.
@@ -1098,6 +1101,8 @@ def _build(
                 q: Any = fixed_period_s * _MS
             else:
                 terms = [tau]
+                if d.workload.kind == "training":
+                    terms.append(cp.reshape(latency, (1,), order="F"))
                 if d.workload.rate_rps > 0:
                     terms.append(cp.Constant(np.array([1.0 / d.workload.rate_rps * _MS])))
                 if d.shared and network_ms is not None:
@@ -1125,7 +1130,9 @@ def _build(
                 use = use + cp.multiply(p_col[:, rows_c], np.array([r[3] for r in d.battery_rows]))
             # A member of an unused column uses nothing, so no big-M is needed.
             headroom = np.broadcast_to(np.array([r[4] for r in d.battery_rows]), (S, len(rows_c)))
-            cons.append(use <= cp.multiply(headroom, q) if not isinstance(q, float) else use <= headroom * q)
+            cons.append(
+                use <= cp.multiply(headroom, q) if not isinstance(q, float) else use <= headroom * q
+            )
 
     # QoE bounds.
     if math.isfinite(bounds.latency_s):
@@ -1422,6 +1429,16 @@ def _period_cap(
     else:
         network = _max_cut_ms(d) / _MS + float(d.sring.max(initial=0.0)) * float(d.p.sum()) / _MS
     cap = max(compute, network, cost.MIN_BOTTLENECK_S)
+    if d.workload.kind == "training":
+        # The period is the whole step: every stage, transfer, all-reduce and path latency.
+        lat = float(d.cut_lat.max(initial=0.0)) if d.shared else 0.0
+        if not d.shared:
+            lat = max((lk.latency_ms for lk in d.network.links), default=0.0)
+        cap = (
+            compute * n_stages
+            + network * 2
+            + n_stages * (d.dirs * lat + float(d.slat.max(initial=0.0))) / _MS
+        )
     cap = min(cap, bounds.bottleneck_s)
     if objective == "min_energy" and incumbent_energy_j is not None and len(d.idle):
         least_idle = float(d.idle.min())
