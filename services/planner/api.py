@@ -264,16 +264,21 @@ class _Search:
         subset = _dp_subset(pool, objective)
         # The DP models a training step as a pipeline in steady state, but steps are
         # synchronous (cost.py): throughput is batch / step latency, so max_throughput is
-        # min_latency, and the energy's period is the step too (the DP's energy plan is one
-        # candidate, its latency plan another; the cost model decides).
+        # min_latency; the energy's period is the step too, so the DP's energy plan (on the
+        # wrong period, and slow to prove) is one candidate, with a slice of the time, and its
+        # latency plan another. The cost model picks.
         dp_objectives: list[Objective] = [objective]
         if self.workload.kind == "training" and objective != "min_latency":
-            dp_objectives = (
-                ["min_latency"] if objective == "max_throughput" else [objective, "min_latency"]
-            )
+            dp_objectives = ["min_latency"]
+            if objective == "min_energy":
+                dp_objectives.append("min_energy")
         proven: list[bool] = []
         for dp_objective in dp_objectives:
-            dp_stages, dp_exact = self._dp(subset, bounds, dp_objective, until)
+            dp_until = until
+            if self.workload.kind == "training" and dp_objective == "min_energy":
+                now = time.perf_counter()
+                dp_until = now + max(until - now, 0.0) * 0.3
+            dp_stages, dp_exact = self._dp(subset, bounds, dp_objective, dp_until)
             # Proven for the real objective only where the DP's model agrees with cost.py.
             proven.append(dp_exact and (dp_objective == objective or objective == "max_throughput"))
             if dp_stages is not None:
