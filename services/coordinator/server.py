@@ -179,7 +179,11 @@ class CoordinatorServer:
         period = self.settings.heartbeat_s
         while True:
             try:
-                reply = await stub.Check(hpb.HealthCheckRequest(service=""), timeout=period)
+                reply = await stub.Check(
+                    # A busy agent may answer late; only silence for dead_after_s is death.
+                    hpb.HealthCheckRequest(service=""),
+                    timeout=max(period, self.settings.dead_after_s / 2),
+                )
                 ok = reply.status == hpb.HealthCheckResponse.SERVING
             except grpc.aio.AioRpcError:
                 ok = False

@@ -64,6 +64,7 @@ class LocalFleet:
     #: A fresh fleet id per fleet, so fleets started side by side on one host (tests, demos)
     #: never admit each other's agents from the shared loopback mDNS.
     fleet_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:8]}")
+    dead_after_s: float = 5.0
     planner: PlannerServer | None = None
     coordinator: CoordinatorServer | None = None
     agents: list[AgentServer] = field(default_factory=list)
@@ -120,6 +121,9 @@ class LocalFleet:
                 browse=self.mdns,
                 mdns_interfaces=LOOPBACK,
                 fleet_id=self.fleet_id,
+                # In-process agents share one event loop with their own compute: give a busy
+                # agent longer before calling it dead than a device of its own would need.
+                dead_after_s=self.dead_after_s,
             )
         )
         await self.coordinator.start()
