@@ -124,10 +124,10 @@ class PlannerServer:
         if self._server is not None:
             raise RuntimeError("planner server already started")
         server = channels.create_server("planner")
-        planner_pb2_grpc.add_PlannerServicer_to_server(  # type: ignore[no-untyped-call]
+        planner_pb2_grpc.add_PlannerServicer_to_server(
             PlannerServicer(max_concurrent_plans=self._max_concurrent), server
         )
-        checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        checker = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checker, server)
         address = channels.bind(server, self._requested)
         await server.start()

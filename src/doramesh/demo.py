@@ -100,7 +100,7 @@ def _train_locally(seed: int) -> list[float]:
         x, y = data.step(step)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         losses.append(loss.item())
     return losses

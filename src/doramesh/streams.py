@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +30,10 @@ _log = structlog.get_logger("streams")
 
 #: The largest tensor a stream accepts (the final result of a pipeline, e.g. LLM logits).
 MAX_TENSOR_BYTES = 1 << 30
+
+
+#: A peer's answer to one microbatch: its header (compute time, a training loss) and tensor.
+Answer = tuple[agent_pb2.ActivationHeader, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +60,9 @@ class PeerLink:
             grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame] | None
         ) = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[StageResult]] = {}
+        self._pending: dict[
+            int, asyncio.Future[tuple[agent_pb2.ActivationHeader, torch.Tensor]]
+        ] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
         self._open_lock = asyncio.Lock()
@@ -98,7 +105,7 @@ class PeerLink:
                 header, tensor = done
                 fut = self._pending.pop(header.microbatch_id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(StageResult(tensor, header.compute_ms))
+                    fut.set_result((header, tensor))
         except grpc.aio.AioRpcError as err:
             failure = error_for(err.code(), f"stream to {self.address}: {err.details()}")
             if err.code() == grpc.StatusCode.CANCELLED:
@@ -128,9 +135,30 @@ class PeerLink:
         timeout: float | None = None,
     ) -> StageResult:
         """Send one microbatch to the peer's stage; return the pipeline's result for it."""
+        header, result = await self.exchange(
+            tensor,
+            stage_id=stage_id,
+            plan_epoch=plan_epoch,
+            request_id=request_id,
+            timeout=timeout,
+        )
+        return StageResult(result, header.compute_ms)
+
+    async def exchange(
+        self,
+        tensor: torch.Tensor,
+        *,
+        stage_id: str,
+        plan_epoch: int,
+        request_id: str = "",
+        timeout: float | None = None,
+        tag: Callable[[agent_pb2.ActivationHeader], None] | None = None,
+    ) -> Answer:
+        """Send ``tensor`` (its header completed by ``tag``, e.g. with a training part) and
+        return the answer's header and tensor."""
         call = await self._ensure_open()
         mb_id = next(self._ids)
-        fut: asyncio.Future[StageResult] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[mb_id] = fut
         try:
             async with self._write_lock:
@@ -141,6 +169,8 @@ class PeerLink:
                     request_id=request_id,
                     microbatch_id=mb_id,
                 ):
+                    if frame.HasField("header") and tag is not None:
+                        tag(frame.header)
                     if self.bucket is not None and frame.HasField("chunk"):
                         await self.bucket.acquire(len(frame.chunk.data))
                     await call.write(frame)

@@ -31,25 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-import grpc
-import grpc.aio
 import structlog
 import torch
 import torch.nn.functional as F
 
 from doramesh import models
-from doramesh.channels import CHUNK_BYTES, MAX_MESSAGE_BYTES, create_channel
-from doramesh.errors import DoraMeshError, InvalidArgument, Unavailable, error_for
+from doramesh.errors import InvalidArgument
 from doramesh.models.zoo import check_sample_shape
-from doramesh.streams import MAX_TENSOR_BYTES, split_by_shares
-from doramesh.tensors import FrameAssembler, iter_frames, tensor_from_pb, tensor_to_pb
+from doramesh.streams import MAX_TENSOR_BYTES, PeerLink, split_by_shares
+from doramesh.tensors import iter_frames, tensor_from_pb, tensor_to_pb
 from doramesh.tokenbucket import TokenBucket
-from doramesh.v1 import agent_pb2, agent_pb2_grpc
+from doramesh.v1 import agent_pb2
 
 _log = structlog.get_logger("training")
 
@@ -355,12 +351,12 @@ def tagged_frames(
 
 
 class TrainLink:
-    """Sends training parts to one peer's stage over one stream and awaits their gradients.
+    """Sends training parts to one peer's stage and awaits their gradients.
 
-    Like ``doramesh.streams.PeerLink`` (one bidirectional ``Agent.Forward`` stream per peer,
-    parts multiplexed by a link-local id, paced by the flow's token bucket), but a request
-    carries its ``TrainPart`` and an answer carries the loss. A broken stream fails every part
-    in flight with ``Unavailable``; the next send opens a fresh stream.
+    A ``PeerLink`` underneath (one bidirectional ``Agent.Forward`` stream per peer, parts
+    multiplexed by a link-local id, paced by the flow's token bucket): a request's header
+    carries its ``TrainPart``, an answer's carries the loss. A broken stream fails every part in
+    flight with ``Unavailable``; the next send opens a fresh stream.
     """
 
     def __init__(
@@ -371,73 +367,11 @@ class TrainLink:
         max_tensor_bytes: int = MAX_TENSOR_BYTES,
     ) -> None:
         self.address = address
-        self.bucket = bucket
-        self._max_tensor_bytes = max_tensor_bytes
-        self._channel: grpc.aio.Channel | None = None
-        self._call: (
-            grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame] | None
-        ) = None
-        self._reader: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[PartResult]] = {}
-        self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
-        self._open_lock = asyncio.Lock()
-        self.bytes_sent = 0
+        self._link = PeerLink(address, bucket=bucket, max_tensor_bytes=max_tensor_bytes)
 
-    async def _ensure_open(
-        self,
-    ) -> grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame]:
-        async with self._open_lock:
-            if self._call is not None and not self._call.done():
-                return self._call
-            if self._channel is None:
-                self._channel = create_channel(self.address, max_message_bytes=MAX_MESSAGE_BYTES)
-            call = agent_pb2_grpc.AgentStub(self._channel).Forward(wait_for_ready=False)
-            self._call = call
-            self._reader = asyncio.create_task(self._read(call))
-            return call
-
-    async def _read(
-        self,
-        call: grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame],
-    ) -> None:
-        assembler = FrameAssembler(self._max_tensor_bytes, max_chunk_bytes=CHUNK_BYTES)
-        failure: DoraMeshError
-        try:
-            while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:
-                    failure = Unavailable(f"peer {self.address} closed the training stream")
-                    break
-                if frame.HasField("header") and frame.header.error:
-                    fut = self._pending.pop(frame.header.microbatch_id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_exception(error_for(frame.header.error_code, frame.header.error))
-                    continue
-                done = assembler.feed(frame)
-                if done is None:
-                    continue
-                header, grad = done
-                fut = self._pending.pop(header.microbatch_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(PartResult(grad, header.loss, header.compute_ms))
-        except grpc.aio.AioRpcError as err:
-            failure = error_for(err.code(), f"training stream to {self.address}: {err.details()}")
-            if err.code() == grpc.StatusCode.CANCELLED:
-                failure = Unavailable(f"training stream to {self.address} cancelled")
-        except DoraMeshError as err:
-            failure = err
-            call.cancel()
-        except asyncio.CancelledError:
-            self._fail_all(Unavailable(f"training stream to {self.address} closed"))
-            raise
-        self._fail_all(failure)
-
-    def _fail_all(self, err: DoraMeshError) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(err)
+    @property
+    def bytes_sent(self) -> int:
+        return self._link.bytes_sent
 
     async def send(
         self,
@@ -450,50 +384,23 @@ class TrainLink:
     ) -> PartResult:
         """Run ``part`` (input ``x``) through the peer's stage and everything below it; return
         the gradient of the loss with respect to ``x`` and the part's loss."""
-        call = await self._ensure_open()
-        mb_id = next(self._ids)
-        fut: asyncio.Future[PartResult] = asyncio.get_running_loop().create_future()
-        self._pending[mb_id] = fut
         part_pb = part.to_pb()
 
         def tag(header: agent_pb2.ActivationHeader) -> None:
             header.train.CopyFrom(part_pb)
 
-        try:
-            async with self._write_lock:
-                for frame in tagged_frames(
-                    x,
-                    tag,
-                    stage_id=stage_id,
-                    plan_epoch=plan_epoch,
-                    request_id=f"{part.job_id}/{part.step}/{part.microbatch}",
-                    microbatch_id=mb_id,
-                ):
-                    if self.bucket is not None and frame.HasField("chunk"):
-                        await self.bucket.acquire(len(frame.chunk.data))
-                    await call.write(frame)
-                    if frame.HasField("chunk"):
-                        self.bytes_sent += len(frame.chunk.data)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
-            self._pending.pop(mb_id, None)
-            raise Unavailable(f"could not send to {self.address}: {err}") from err
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pending.pop(mb_id, None)
+        header, grad = await self._link.exchange(
+            x,
+            stage_id=stage_id,
+            plan_epoch=plan_epoch,
+            request_id=f"{part.job_id}/{part.step}/{part.microbatch}",
+            timeout=timeout,
+            tag=tag,
+        )
+        return PartResult(grad, header.loss, header.compute_ms)
 
     async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._channel is not None:
-            await self._channel.close()
-        self._call = self._channel = self._reader = None
+        await self._link.close()
 
 
 @dataclass(frozen=True, slots=True)

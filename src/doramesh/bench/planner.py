@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from doramesh import convert
 from doramesh.errors import DoraMeshError
@@ -39,7 +39,7 @@ PLANNERS: tuple[str, ...] = (
 MAX_VIOLATION_RATE = 0.05
 #: Requests arrive at the scenario's rate, evenly spaced: the frame rate of a camera or a
 #: sensor. (Poisson arrivals add queueing that no planner here models; the simulator has them.)
-ARRIVALS = "periodic"
+ARRIVALS: Final = "periodic"
 
 
 @dataclass(frozen=True, slots=True)
