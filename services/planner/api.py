@@ -5,20 +5,23 @@ function, so a scenario planned offline and one planned over the wire give the s
 
 The ``doramesh`` planner, within ``time_limit_s`` (model building included, never exceeded):
 
-1. *Coarsen* the model to at most ``MAX_BLOCKS`` blocks (``coarsen.py``).
-2. *Fast path*: the exact single-device dynamic program (``dp.py``) on the blocks and up to
-   ``DP_MAX_DEVICES`` devices chosen for the objective. Its plan is the incumbent.
-3. *Hybrid partitioner* (``milp.py``): the mixed-integer program over every device type and,
-   when the microbatch has several samples, data-parallel groups; warm-started with the DP's
-   plan, so it can only improve on it. Skipped when it cannot beat the DP (one-sample
-   microbatches on a fleet the DP saw whole).
+1. *Fast path*: the exact single-device dynamic program (``dp.py``) on the real layers (models
+   up to ``DP_FULL_LAYERS`` layers) or on ``DP_BLOCKS`` coarsened blocks (``coarsen.py``), over
+   up to ``DP_MAX_DEVICES`` devices chosen for the objective. Its plan is the incumbent.
+2. *Replicas, greedily*: with several samples per microbatch, data-parallel replicas are added
+   to stages one at a time while the objective improves (from the DP's plan and from the best
+   single device): cheap, and a good incumbent makes the exact search short.
+3. *Hybrid partitioner* (``milp.py``): the mixed-integer program over every device type, with
+   data-parallel groups, on at most ``MAX_BLOCKS`` blocks that keep the incumbent's cuts; warm-
+   started with the incumbent, so it can only improve on it. Skipped when it cannot beat the DP
+   (one-sample microbatches on a fleet the DP saw whole).
 4. *Refine* the winner's stage boundaries on the real layers (coarsening kept only some cuts).
-5. *Plan set*: more plans on devices no earlier plan uses (so they can run at the same time),
-   then the best plans for the other objectives when they are not dominated; a dominated plan
-   is kept only when it shares no device with the plan that dominates it.
-6. *Mix and network scheduler*: the request rate is split over plans that can run at once (the
-   first plan takes what it can serve), and ``netsched.schedule`` sets every flow's token
-   bucket and re-prices the plans that are live together.
+5. *Plan set*: more plans on devices no earlier plan uses (so they can run at the same time), or
+   whole-model replicas side by side when they serve more (inference only: training plans would
+   train separate copies); then the best plans for the other objectives when they are not
+   dominated; a dominated plan is kept only when it shares no device with its dominator.
+6. *Mix and network scheduler*: the request rate is split over plans that can run at once, and
+   ``netsched.schedule`` sets every flow's token bucket and re-prices the plans live together.
 
 When the request rate is given, the first plan is asked to keep up with it alone
 (``bottleneck <= 1 / rate``), since a pipeline that cannot queues without bound; only when no

@@ -44,7 +44,10 @@ Formulation (``B`` blocks, ``S`` stage slots, candidate device groups ``c`` call
   linear; otherwise the products ``idle_c * P`` are big-M linearised with ``P <= P_max`` (the QoE
   bound, or the incumbent's energy over the least idle draw).
 - Battery: a battery-powered device may draw at most ``battery_wh / battery_hours`` watts on
-  average: ``dynamic + transmit energy <= (budget - idle) * P`` per member, again linear.
+  average: ``dynamic + transmit energy <= (budget - idle) * P`` per member, again linear (with
+  ``P`` replaced by a variable that picks one exact term of the period, never above it).
+- Training: the all-reduce of a group is a column constant times the stage's parameter bytes;
+  a step is synchronous (``cost.py``), so the bottleneck, and the period, is the step latency.
 
 The single-device dynamic program (``dp.py``) is the warm start: its plan is a feasible point of
 this program (singleton columns, block-aligned cuts) handed to HiGHS as a MIP start, so a time
