@@ -123,6 +123,8 @@ class PlannerServer:
         """Bind and start serving; returns the bound ``host:port`` (useful with port 0)."""
         if self._server is not None:
             raise RuntimeError("planner server already started")
+        # Import the solver stack now (1-4 s), not inside the first request's deadline.
+        await asyncio.to_thread(api.warm_up)
         server = channels.create_server("planner")
         planner_pb2_grpc.add_PlannerServicer_to_server(
             PlannerServicer(max_concurrent_plans=self._max_concurrent), server
