@@ -337,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument(
         "--seconds", type=float, default=1.0, help="measuring time per tensor size (default 1.0)"
     )
+    load = bench_sub.add_parser(
+        "load", help="many concurrent clients against a process fleet: req/s, p99, memory"
+    )
+    load.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    load.add_argument("--seconds", type=float, default=120.0, help="measured time (default 120)")
+    load.add_argument("--warmup", type=float, default=20.0, help="warm-up time (default 20)")
+    load.add_argument("--model", default="resnet18", help="zoo model to serve (default resnet18)")
+    load.add_argument("--json", dest="json_out", default=None, metavar="OUT",
+                      help="write the results as JSON to this file")
     bench_planner = bench_sub.add_parser(
         "planner", help="every planner on every scenario, scored by the simulator")
     bench_planner.add_argument("--scenarios", default="scenarios",
@@ -542,6 +551,18 @@ def main(argv: list[str] | None = None) -> None:
             from doramesh.bench.planner import main as planner_main
 
             sys.exit(planner_main(args.scenarios, args.json_out, args.planner, args.markdown_out))
+        if args.bench == "load":
+            from doramesh.bench.load import main as load_main
+
+            sys.exit(
+                load_main(
+                    args.json_out,
+                    clients=args.clients,
+                    seconds=args.seconds,
+                    warmup_s=args.warmup,
+                    model=args.model,
+                )
+            )
         if args.bench == "planning-time":
             from doramesh.bench.planning_time import main as planning_time_main
 
