@@ -1,20 +1,37 @@
 """Every gRPC server and channel of doramesh is made here.
 
-Message limits, keepalive, interceptors and (later) mutual TLS are decided in this one module, so
-a change of transport policy is one edit. Limits are raised deliberately, never unbounded:
+Message limits, keepalive, interceptors and mutual TLS are decided in this one module, so a
+change of transport policy is one edit. Limits are raised deliberately, never unbounded:
 activations travel in ~1 MiB chunks, so a frame never needs more than ``MAX_MESSAGE_BYTES``.
+
+Security: a server made with credentials serves mutual TLS (a client certificate from the fleet
+CA is required by the handshake) and authorises every call by the peer's role before its
+servicer runs; ``bind(..., tls_only=True)`` adds the coordinator's server-authenticated port
+where only enrolment (join token), health and the client API (app token) are reachable. A
+channel presents the caller's certificate and pins the server's name (``server_name``: a node
+id's DNS SAN proves the peer is that node). Which credentials: the ``credentials`` argument;
+else those of the server whose call is running (see ``security.interceptor``) or set by
+``acting_as``; else the process default (``set_default_credentials``, made once by the CLI).
+With none at all, servers and channels are plaintext and say so loudly: development only.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
 
 import grpc
 import grpc.aio
 import structlog
+
+from doramesh.security.authority import FleetAuthority
+from doramesh.security.credentials import CURRENT_CREDENTIALS, Credentials
+from doramesh.security.identity import MEMBER_DNS, server_name
+from doramesh.security.interceptor import AuthInterceptor
 
 #: Size of one activation or weight chunk on the wire.
 CHUNK_BYTES = 1 << 20
@@ -67,45 +84,157 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class _Unset:
+    pass
+
+
+#: "Not given": resolve the credentials from the running call, then the process default.
+UNSET: Final = _Unset()
+_log = structlog.get_logger("channels")
+_process_default: Credentials | None = None
+#: Credentials each server was made with, for ``bind``.
+_server_credentials: weakref.WeakKeyDictionary[Any, Credentials | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def set_default_credentials(credentials: Credentials | None) -> Credentials | None:
+    """Set what this process presents when nothing more specific applies; returns the old."""
+    global _process_default
+    previous, _process_default = _process_default, credentials
+    return previous
+
+
+@contextmanager
+def acting_as(credentials: Credentials | None) -> Iterator[None]:
+    """Servers made and channels opened inside this block use ``credentials`` (one service's
+    start in a process that hosts several)."""
+    token = CURRENT_CREDENTIALS.set(credentials)
+    try:
+        yield
+    finally:
+        CURRENT_CREDENTIALS.reset(token)
+
+
+def resolve_credentials(credentials: Credentials | _Unset | None = UNSET) -> Credentials | None:
+    if not isinstance(credentials, _Unset):
+        return credentials
+    current = CURRENT_CREDENTIALS.get()
+    return current if current is not None else _process_default
+
+
 def create_server(
     service: str,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    credentials: Credentials | _Unset | None = UNSET,
+    authority: FleetAuthority | None = None,
 ) -> grpc.aio.Server:
-    """A grpc.aio server with doramesh's limits; the caller adds servicers and a port."""
+    """A grpc.aio server with doramesh's limits and, given credentials, its auth interceptor;
+    the caller adds servicers and binds ports. ``authority`` (the coordinator) checks tokens."""
     options = [
         (k, max_message_bytes if k.startswith("grpc.max_") and "message" in k else v)
         for k, v in _SERVER_OPTIONS
     ]
-    return grpc.aio.server(
-        interceptors=[LoggingInterceptor(service), *interceptors],
-        options=options,
-    )
+    creds = resolve_credentials(credentials)
+    chain: list[grpc.aio.ServerInterceptor] = [LoggingInterceptor(service)]
+    if creds is None:
+        _log.warning(
+            "INSECURE gRPC server: no TLS, no authentication; anyone on the network may call it",
+            service=service,
+        )
+    else:
+        chain.append(AuthInterceptor(creds, authority))
+    server = grpc.aio.server(interceptors=[*chain, *interceptors], options=options)
+    _server_credentials[server] = creds
+    return server
 
 
-def bind(server: grpc.aio.Server, address: str) -> str:
-    """Binds ``address`` (``host:port``, port 0 for any) and returns the bound ``host:port``."""
+def bind(server: grpc.aio.Server, address: str, *, tls_only: bool = False) -> str:
+    """Binds ``address`` (``host:port``, port 0 for any) and returns the bound ``host:port``.
+
+    Mutual TLS when the server has credentials; ``tls_only``: server-authenticated TLS with no
+    client certificate (the coordinator's enrolment and app-token port).
+    """
     host, _, port = address.rpartition(":")
-    bound = server.add_insecure_port(address)
+    creds = _server_credentials.get(server)
+    if creds is None:
+        bound = server.add_insecure_port(address)
+    elif tls_only:
+        # The chain carries the CA so an enrolling device can find the CA its token pins.
+        chain = creds.cert_pem + creds.ca_pem
+        bound = server.add_secure_port(
+            address, grpc.ssl_server_credentials([(creds.key_pem, chain)])
+        )
+    else:
+        bound = server.add_secure_port(
+            address,
+            grpc.ssl_server_credentials(
+                [(creds.key_pem, creds.cert_pem)],
+                root_certificates=creds.ca_pem,
+                require_client_auth=True,
+            ),
+        )
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {address}")
     return f"{host or '127.0.0.1'}:{bound if port == '0' else port}"
 
 
-def create_channel(target: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """An asyncio channel to another doramesh service."""
+def _channel_options(max_message_bytes: int, pinned_name: str | None) -> list[tuple[str, Any]]:
     options = [
         (k, max_message_bytes if k.startswith("grpc.max_") and "message" in k else v)
         for k, v in _CHANNEL_OPTIONS
     ]
-    return grpc.aio.insecure_channel(target, options=options)
+    if pinned_name is not None:
+        options.append(("grpc.ssl_target_name_override", pinned_name))
+    return options
 
 
-def create_sync_channel(target: str, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+def _channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
+    ssl = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem or None, creds.cert_pem or None)
+    if creds.bearer_token:
+        return grpc.composite_channel_credentials(
+            ssl, grpc.access_token_call_credentials(creds.bearer_token)
+        )
+    return ssl
+
+
+def _pinned_name(creds: Credentials | None, name: str | None) -> str | None:
+    if creds is None:
+        return None
+    if name is not None:
+        return name
+    # A token-only app talks to the coordinator; a member dials "any member of this fleet".
+    return server_name("coordinator") if creds.identity is None else MEMBER_DNS
+
+
+def create_channel(
+    target: str,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    credentials: Credentials | _Unset | None = UNSET,
+    server_name: str | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to another doramesh service. ``server_name``: the DNS SAN the server's
+    certificate must carry (``security.identity.server_name``); default: any fleet member."""
+    creds = resolve_credentials(credentials)
+    options = _channel_options(max_message_bytes, _pinned_name(creds, server_name))
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, _channel_credentials(creds), options=options)
+
+
+def create_sync_channel(
+    target: str,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    credentials: Credentials | _Unset | None = UNSET,
+    server_name: str | None = None,
+) -> grpc.Channel:
     """A blocking channel (the synchronous SDK client)."""
-    options = [
-        (k, max_message_bytes if k.startswith("grpc.max_") and "message" in k else v)
-        for k, v in _CHANNEL_OPTIONS
-    ]
-    return grpc.insecure_channel(target, options=options)
+    creds = resolve_credentials(credentials)
+    options = _channel_options(max_message_bytes, _pinned_name(creds, server_name))
+    if creds is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, _channel_credentials(creds), options=options)

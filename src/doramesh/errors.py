@@ -113,6 +113,18 @@ class Internal(DoraMeshError):
     status = Status.INTERNAL
 
 
+class Unauthenticated(DoraMeshError):
+    """No valid credential: a missing, expired, forged or already redeemed token."""
+
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(DoraMeshError):
+    """A valid identity whose role may not make this call."""
+
+    status = Status.PERMISSION_DENIED
+
+
 _BY_STATUS: dict[Status, type[DoraMeshError]] = {
     cls.status: cls
     for cls in (
@@ -125,6 +137,8 @@ _BY_STATUS: dict[Status, type[DoraMeshError]] = {
         Cancelled,
         Aborted,
         Internal,
+        Unauthenticated,
+        PermissionDenied,
     )
 }
 
