@@ -185,13 +185,20 @@ class CoordinatorServer:
                     timeout=max(period, self.settings.dead_after_s / 2),
                 )
                 ok = reply.status == hpb.HealthCheckResponse.SERVING
+                draining = reply.status == hpb.HealthCheckResponse.NOT_SERVING
             except grpc.aio.AioRpcError:
-                ok = False
+                ok = draining = False
             now = time.monotonic()
             record = self.registry.agents.get(node_id)
             if record is None or record.profile.address != address:
                 return
-            if ok:
+            if draining and record.state != "dead":
+                # A drain is announced, not guessed: move work away now, while the agent
+                # finishes what it holds, instead of waiting out the dead-after window.
+                self.registry.mark_dead(node_id, now)
+                _log.warning("agent draining", node_id=node_id)
+                self.changed.set()
+            elif ok:
                 self.registry.heard_from(node_id, now)
             else:
                 state = self.registry.missed(node_id, now)

@@ -47,7 +47,8 @@ def _agent_name(fleet: SubprocessFleet, node_id: str) -> str:
     return f"agent-{index}"
 
 
-def _stream_with_fault(fleet: SubprocessFleet, sig: int) -> None:
+def _stream_with_fault(fleet: SubprocessFleet, sig: int) -> str:
+    """Run the stream, strike one planned agent with ``sig`` mid-way; returns its name."""
     address = fleet.daemons["coordinator"].address
     with Client(address, timeout=300) as client:
         wait_for(lambda: sum(a.state == "alive" for a in client.fleet()) == len(CLASSES), 30)
@@ -77,6 +78,7 @@ def _stream_with_fault(fleet: SubprocessFleet, sig: int) -> None:
             assert (r.output - reference(x)).abs().max().item() <= TOLERANCE
     assert struck_at[1] - struck_at[0] <= DETECTION_BOUND_S
     assert victim not in {d.id for s in status.deployment.plan.stages for d in s.devices}
+    return _agent_name(fleet, victim)
 
 
 def _wait_dead(address: str, node_id: str, struck_at: list[float]) -> None:
@@ -94,3 +96,10 @@ def test_a_frozen_agent_costs_no_request(fleet: SubprocessFleet) -> None:
 
 def test_a_killed_agent_process_costs_no_request(fleet: SubprocessFleet) -> None:
     _stream_with_fault(fleet, signal.SIGKILL)
+
+
+def test_sigterm_mid_stream_drains_loses_nothing_and_exits_zero(fleet: SubprocessFleet) -> None:
+    """SIGTERM: health goes NOT_SERVING at once (the coordinator moves work away without
+    waiting for the dead-after window), in-flight work finishes, the process exits 0."""
+    name = _stream_with_fault(fleet, signal.SIGTERM)
+    assert fleet.daemons[name].process.wait(15) == 0
