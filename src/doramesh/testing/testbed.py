@@ -89,6 +89,8 @@ class Daemon:
 class Testbed:
     """A fleet on a namespace LAN. ``with Testbed(hosts) as tb:`` brings it up and down."""
 
+    __test__ = False  # not a pytest test class
+
     hosts: Sequence[HostSpec]
     #: Shared-medium rate (Mbit/s) for all LAN traffic; None: unshaped (or per-link rates).
     shared_mbps: float | None = None
