@@ -90,6 +90,9 @@ DP_BLOCKS = 24
 DP_MAX_DEVICES = 10
 #: A battery-powered device must last at least this long at a plan's average draw.
 DEFAULT_BATTERY_HOURS = 1.0
+#: Training: the DP's steady-state energy plans are asked for a slowest stage at most these
+#: fractions of the step bound, leaving the rest for the GPipe pipeline's fill and drain.
+STEADY_STEP_FRACTIONS = (0.9, 0.75)
 #: ``max_throughput`` with a request rate: capacity over the rate that counts as enough.
 THROUGHPUT_HEADROOM = 2.0
 #: Utilisation each plan is loaded to at most when several share the request rate.
@@ -269,27 +272,47 @@ class _Search:
         # synchronous (cost.py): throughput is batch / step latency, so max_throughput is
         # min_latency; the energy's period is the step too, so the DP's energy plan (on the
         # wrong period, and slow to prove) is one candidate, with a slice of the time, and its
-        # latency plan another. The cost model picks.
-        dp_objectives: list[Objective] = [objective]
-        if self.workload.kind == "training" and objective != "min_latency":
-            dp_objectives = ["min_latency"]
+        # latency plan another. The cost model picks, microbatch size included.
+        training = self.workload.kind == "training"
+        runs: list[tuple[Objective, milp.Bounds, float]] = [(objective, bounds, 1.0)]
+        if training and objective != "min_latency":
+            runs = [("min_latency", bounds, 1.0)]
             if objective == "min_energy":
-                dp_objectives.append("min_energy")
+                runs.append(("min_energy", bounds, 0.3))
+        if training and self.workload.batch >= 2:
+            # A GPipe step of m microbatches takes about L/m + (1 - 1/m) C for a plan of
+            # one-microbatch step L and slowest stage C: with enough microbatches a pipeline is
+            # as fast as its slowest stage, which is the DP's steady-state model. Its pipelines
+            # with C under the step bound (L free) are the ones microbatching makes fast enough:
+            # the fastest, and for energy the most frugal under a few margins for the fill.
+            step = min(bounds.latency_s, bounds.bottleneck_s)
+            steady = milp.Bounds(energy_j=bounds.energy_j)
+            runs.append(("max_throughput", steady, 0.2))
+            if objective == "min_energy":
+                for fraction in STEADY_STEP_FRACTIONS:
+                    margin = milp.Bounds(bottleneck_s=step * fraction, energy_j=bounds.energy_j)
+                    runs.append(("min_energy", margin, 0.2))
         proven: list[bool] = []
-        for dp_objective in dp_objectives:
+        for dp_objective, dp_bounds, dp_share in runs:
             dp_until = until
-            if self.workload.kind == "training" and dp_objective == "min_energy":
+            if dp_share < 1.0:
                 now = time.perf_counter()
-                dp_until = now + max(until - now, 0.0) * 0.3
-            dp_stages, dp_exact = self._dp(subset, bounds, dp_objective, dp_until)
-            # Proven for the real objective only where the DP's model agrees with cost.py.
-            proven.append(dp_exact and (dp_objective == objective or objective == "max_throughput"))
+                dp_until = now + max(until - now, 0.0) * dp_share
+            dp_stages, dp_exact = self._dp(
+                subset, dp_bounds, dp_objective, dp_until, steady=dp_bounds is not bounds
+            )
+            if dp_bounds is bounds:
+                # Proven for the real objective only where the DP's model agrees with cost.py.
+                proven.append(
+                    dp_exact and (dp_objective == objective or objective == "max_throughput")
+                )
             if dp_stages is not None:
-                pc = self._valid(dp_stages, bounds)
+                pc = self._valid(dp_stages, bounds, objective)
                 if pc is not None:
                     found.append(_Candidate(dp_stages, pc, "dp"))
-        training_energy = self.workload.kind == "training" and objective == "min_energy"
-        exact = all(proven) and not training_energy
+        training_energy = training and objective == "min_energy"
+        # Microbatched steps are outside the DP's model: it proves nothing about them.
+        exact = all(proven) and not training_energy and not (training and self.workload.batch >= 2)
         if record:
             self.dp_exact = exact
         if self.workload.batch >= 2:
@@ -334,7 +357,10 @@ class _Search:
                 self.milp_status, self.milp_gap = result.status, result.gap
             if result.plan is not None and result.plan_cost is not None:
                 if result.plan.stages != warm:
-                    found.append(_Candidate(result.plan.stages, result.plan_cost, "milp"))
+                    # The program prices a training step as one microbatch; cut it as suits.
+                    pc = self._valid(result.plan.stages, bounds, objective)
+                    if pc is not None:
+                        found.append(_Candidate(result.plan.stages, pc, "milp"))
         if not found:
             return None
         best = min(found, key=lambda c: milp.objective_key(objective, c.pc))
@@ -348,7 +374,7 @@ class _Search:
         best: _Candidate | None = None
         for group in milp.device_groups(pool, self.network):
             stages = (StagePlan(0, n - 1, (DeviceShare(group[0].node_id, 1.0),)),)
-            pc = self._valid(stages, bounds)
+            pc = self._valid(stages, bounds, objective)
             if pc is not None and (
                 best is None
                 or milp.objective_key(objective, pc) < milp.objective_key(objective, best.pc)
@@ -394,7 +420,7 @@ class _Search:
                         ),
                     )
                     trial = [*stages[:si], trial_stage, *stages[si + 1 :]]
-                    pc = self._valid(trial, bounds)
+                    pc = self._valid(trial, bounds, objective)
                     if pc is None:
                         continue
                     key = milp.objective_key(objective, pc)
@@ -415,9 +441,12 @@ class _Search:
         bounds: milp.Bounds,
         objective: Objective,
         until: float,
+        *,
+        steady: bool = False,
     ) -> tuple[tuple[StagePlan, ...] | None, bool]:
-        """The DP's plan on the blocks (as layer ranges) and whether it is proven optimal."""
-        pb = dp._Problem(subset, self.coarse, self.network, self.workload)
+        """The DP's plan on the blocks (as layer ranges) and whether it is proven optimal
+        (``steady``: training priced as a pipeline in steady state, see ``dp._Problem``)."""
+        pb = dp._Problem(subset, self.coarse, self.network, self.workload, steady=steady)
         dp_bounds = dp._Bounds(bounds.latency_s, bounds.bottleneck_s, bounds.energy_j)
         # The DP's own budget for its exact fallback is capped by ours.
         stages, _, exact = dp._solve(pb, objective, dp_bounds, "auto", until)
@@ -425,7 +454,25 @@ class _Search:
             return None, exact
         return self.co.expand(dp._stage_plans(pb, stages)), exact
 
-    def _valid(self, stages: Sequence[StagePlan], bounds: milp.Bounds) -> cost.PlanCost | None:
+    def _valid(
+        self,
+        stages: Sequence[StagePlan],
+        bounds: milp.Bounds,
+        objective: Objective | None = None,
+    ) -> cost.PlanCost | None:
+        """The plan's cost if it is valid; for training, at the microbatch size that serves
+        ``objective`` best (``PlanCost.microbatch``), else with the whole batch."""
+        if objective is not None and self.workload.kind == "training":
+            return milp.best_microbatch(
+                stages,
+                self.devices,
+                self.table,
+                self.network,
+                self.workload,
+                bounds,
+                self.battery_hours,
+                objective,
+            )
         return milp.valid_plan(
             stages,
             self.devices,
@@ -439,15 +486,20 @@ class _Search:
     def _refine(self, cand: _Candidate, bounds: milp.Bounds, objective: Objective) -> _Candidate:
         """Move each stage boundary within a block's reach on the real layers while it helps.
 
-        Coarsening kept only some cuts; the devices and groups stay, only the split moves.
+        Coarsening kept only some cuts; the devices and groups stay, only the split moves. A
+        microbatched training step is priced by neither search's model (the DP's steady state
+        is its limit), so there every cut may move, coarsened or not.
         """
         n = len(self.table.layers)
-        if n <= MAX_BLOCKS or len(cand.stages) < 2:
-            return cand  # nothing was coarsened
+        microbatched = self.workload.kind == "training" and cand.pc.microbatches > 1
+        if len(cand.stages) < 2 or (n <= MAX_BLOCKS and not microbatched):
+            return cand  # nothing was coarsened, and the search's model is cost.py's
         # The widest block of either search's coarsening bounds how far a cut may be off.
         reach = max(
             max(last - first + 1 for first, last in self.co.blocks), math.ceil(n / MAX_BLOCKS) + 1
         )
+        if microbatched:
+            reach = n
         stages = list(cand.stages)
         best_key = milp.objective_key(objective, cand.pc)
         best_pc = cand.pc
@@ -466,7 +518,7 @@ class _Search:
                     trial = list(stages)
                     trial[b] = StagePlan(left.first, cut, left.devices)
                     trial[b + 1] = StagePlan(cut + 1, right.last, right.devices)
-                    pc = self._valid(trial, bounds)
+                    pc = self._valid(trial, bounds, objective)
                     if pc is None:
                         continue
                     key = milp.objective_key(objective, pc)
@@ -583,7 +635,12 @@ def _plan_doramesh(
             found.append(alt)
     found = _non_dominated(found)
 
-    plans = [milp.make_plan(c.stages, devices, table, network, workload) for c in found]
+    plans = [
+        milp.make_plan(
+            c.stages, devices, table, network, workload, microbatch=c.pc.microbatch or None
+        )
+        for c in found
+    ]
     methods = {p.plan_id: c.method for p, c in zip(plans, found, strict=True)}
     plans = _dedupe(plans)
     mix = _mix(plans, workload, objective)

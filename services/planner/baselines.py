@@ -17,7 +17,10 @@ simulator scores them all the same way.
 =======================  ==========================================================================
 
 Every baseline has the signature of ``PlannerFn`` and returns a ``PlanSet`` of one plan whose
-microbatch is the workload's batch. A data-parallel group splits a microbatch into *whole*
+microbatch is the workload's batch, except that throughput-optimal, like PipeDream and Asteroid,
+cuts a training step into the microbatches that pipeline best (the others stand for systems
+that do not: exo and EdgeShard serve inference, and DeepSpeed's default is one microbatch a step,
+``gradient_accumulation_steps=1``). A data-parallel group splits a microbatch into *whole*
 samples in proportion to speed (largest remainder, as the runtime's ``split_by_shares`` does), so
 a plan never counts on half a sample: with a batch of one, a group is its fastest member alone.
 A baseline that cannot place the model (memory, missing links) raises ``FailedPrecondition``
@@ -237,26 +240,35 @@ def throughput_optimal(
     higher throughput (then the lower latency). It plans for throughput alone: energy and
     latency SLOs play no part.
 
-    Microbatch: PipeDream picks one, but under this cost model compute and wire time scale
-    linearly with it and path latency overlaps, so throughput does not depend on it; the plan
-    keeps the workload's batch, so its latency is that of the requests the user sends.
+    Microbatch: inference keeps the workload's batch (a request is one microbatch; under this
+    cost model compute and wire time scale with it and path latency overlaps, so throughput
+    does not depend on it). Training is where PipeDream and Asteroid pipeline microbatches: a
+    step cut into ``m`` of them keeps every stage busy (GPipe), so for training the search
+    also runs on the steady-state pipeline (PipeDream's own objective, the limit of many
+    microbatches), and every candidate takes the microbatch size of the highest throughput.
     """
     name = "throughput-optimal"
     _require_devices(devices, name)
     limit = DEFAULT_TIME_LIMIT_S if time_limit_s is None else time_limit_s
     deadline = time.monotonic() + max(limit, 0.0)
+    training = workload.kind == "training" and workload.batch >= 2
     candidates: list[tuple[StagePlan, ...]] = []
-    search = _HybridSearch(_by_speed(devices), table, network, workload, deadline)
-    hybrid = search.solve()
-    if hybrid is not None:
-        candidates.append(hybrid)
-    elif search.timed_out:
-        _log.warning(
-            "throughput-optimal: the hybrid search ran out of time; pure pipelines only",
-            time_limit_s=limit,
-            devices=len(devices),
-            layers=len(table.layers),
+    timed_out = False
+    for steady in (False, True) if training else (False,):
+        search = _HybridSearch(
+            _by_speed(devices), table, network, workload, deadline, steady=steady
         )
+        hybrid = search.solve()
+        if hybrid is not None:
+            candidates.append(hybrid)
+        elif search.timed_out:
+            timed_out = True
+            _log.warning(
+                "throughput-optimal: the hybrid search ran out of time; pure pipelines only",
+                time_limit_s=limit,
+                devices=len(devices),
+                layers=len(table.layers),
+            )
     for objective in _PIPELINE_OBJECTIVES:
         try:
             pipeline = dp.best_plan(
@@ -270,17 +282,44 @@ def throughput_optimal(
         except FailedPrecondition:
             continue
         candidates.append(pipeline.stages)
+    if training:
+        steady_pipeline = _steady_pipeline(devices, table, network, workload, deadline)
+        if steady_pipeline is not None:
+            candidates.append(steady_pipeline)
     if not candidates:
-        if search.timed_out:
+        if timed_out:
             raise FailedPrecondition(f"{name}: the search ran out of time; raise time_limit_s")
         raise FailedPrecondition(f"{name}: {_no_split_fits(devices, table, workload)}")
 
-    def rank(stages: tuple[StagePlan, ...]) -> tuple[float, float]:
-        pc = cost.evaluate(stages, devices, table, network, workload)
-        return (pc.bottleneck_s, pc.latency_s)
+    ranked: list[tuple[tuple[float, float], tuple[StagePlan, ...], int]] = []
+    for stages in candidates:
+        for size in cost.microbatch_options(stages, workload):
+            pc = cost.evaluate(stages, devices, table, network, workload, microbatch=size)
+            ranked.append(((pc.bottleneck_s, pc.latency_s), stages, size))
+    _, best, microbatch = min(ranked, key=lambda r: (r[0], -r[2]))
+    return _plan_set(name, best, devices, table, network, workload, microbatch=microbatch)
 
-    best = min(candidates, key=rank)
-    return _plan_set(name, best, devices, table, network, workload)
+
+def _steady_pipeline(
+    devices: Sequence[DeviceProfile],
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+    deadline: float,
+) -> tuple[StagePlan, ...] | None:
+    """The pure pipeline of highest steady-state throughput over every device order (the
+    exact DP on the ``dp.MAX_EXACT_DEVICES`` fastest devices): for a training step cut into
+    many microbatches, which the step-priced ``dp.best_plan`` does not see."""
+    considered = dp._fastest(devices)
+    pb = dp._Problem(considered, table, network, workload, steady=True)
+    bounds = dp._Bounds(math.inf, math.inf, math.inf)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    stages, _, _ = dp._solve(pb, "max_throughput", bounds, "auto", time.perf_counter() + remaining)
+    if stages is None:
+        return None
+    return dp._stage_plans(pb, stages)
 
 
 def latency_optimal(
@@ -505,6 +544,8 @@ class _HybridSearch:
         network: Network,
         workload: Workload,
         deadline: float,
+        *,
+        steady: bool = False,
     ) -> None:
         self.devices = tuple(devices)
         self.table = table
@@ -514,6 +555,10 @@ class _HybridSearch:
         self.shared = network.kind == "shared"
         self.batch = workload.batch
         self.training = workload.kind == "training"
+        #: Whether the step's latency is the bottleneck (one microbatch per training step);
+        #: ``steady`` is PipeDream's own objective, the pipeline in steady state, which a step
+        #: cut into many microbatches approaches.
+        self.synchronous = self.training and not steady
         self.dirs = cost.direction_factor(workload.kind)
         self.n_layers = len(table.layers)
         gflops = cost.layer_gflops(table, workload.kind)
@@ -604,7 +649,7 @@ class _HybridSearch:
     def value(self, element: float, network: float, latency: float) -> float:
         """A (partial) plan's bottleneck, as ``cost.evaluate`` computes it."""
         bottleneck = max(element, network)
-        return max(bottleneck, latency) if self.training else bottleneck
+        return max(bottleneck, latency) if self.synchronous else bottleneck
 
     # -- search -----------------------------------------------------------------------------
 
@@ -721,7 +766,7 @@ class _HybridSearch:
         the smaller latency stays ahead whatever follows.
         """
         live = [lab for lab in labels if self.value(lab[0], lab[1], lab[2]) <= bound]
-        if self.training:
+        if self.synchronous:
             return [min(live, key=lambda lab: (lab[2], lab[0], lab[1]))] if live else []
         kept: list[_Label] = []
         best_network = math.inf
@@ -827,8 +872,12 @@ def _plan_set(
     table: LayerTable,
     network: Network,
     workload: Workload,
+    *,
+    microbatch: int | None = None,
 ) -> PlanSet:
-    """One plan, priced by the cost model, with unpaced flows between consecutive stages."""
+    """One plan, priced by the cost model, with unpaced flows between consecutive stages; its
+    microbatch is the workload's batch unless given (throughput-optimal's training steps)."""
+    size = workload.batch if microbatch is None else microbatch
     flows: list[Flow] = []
     for before, after in itertools.pairwise(stages):
         for src in before.devices:
@@ -839,11 +888,11 @@ def _plan_set(
                 if workload.kind == "training":  # gradients flow back
                     flows.append(Flow(src=dst.id, dst=src.id))
     plan = Plan(
-        plan_id=_plan_id(name, stages, workload.batch),
+        plan_id=_plan_id(name, stages, size),
         stages=stages,
-        microbatch=workload.batch,
+        microbatch=size,
         flows=tuple(flows),
-        predicted=cost.predict(stages, devices, table, network, workload),
+        predicted=cost.predict(stages, devices, table, network, workload, microbatch=size),
     )
     return PlanSet(plans=(plan,), mix={plan.plan_id: 1.0})
 

@@ -34,8 +34,14 @@ The model, per microbatch of ``workload.batch`` samples (a request is one microb
 
 Training is modelled as the same pipeline with forward+backward compute and two-way transfers;
 a step is synchronous (the optimiser step ends it), so steps do not overlap and the time between
-batches is the step latency. Choosing a microbatch smaller than the batch, and the schedule's
-bubble, are left to the microbatch planner.
+batches is the step latency. A training step may be cut into ``m`` microbatches of ``microbatch``
+samples (GPipe, as the runtime and the simulator run it: every microbatch goes forward, then
+every one goes back): stages then work on different microbatches at once, and each pass takes
+``sum of its stage and transfer times + (m - 1) x its slowest element`` (a flow shop of identical
+jobs), the slowest element being a stage's compute or the network term of one microbatch. The
+work and the bytes of a step do not change, only how long the devices wait for each other, so
+energy is the same formula over the shorter step. ``microbatch_options`` lists the sizes a plan
+can take (whole samples on every replica); inference keeps one microbatch per request.
 """
 
 from __future__ import annotations
@@ -175,6 +181,13 @@ class PlanCost:
     energy_j: float
     """Energy per microbatch over all participating devices."""
     batch: int
+    microbatch: int = 0
+    """Samples per microbatch of a training step (0: the whole batch, one microbatch)."""
+
+    @property
+    def microbatches(self) -> int:
+        """Microbatches per ``batch`` (1 unless a training step is cut into several)."""
+        return self.batch // self.microbatch if self.microbatch else 1
 
     @property
     def throughput_sps(self) -> float:
@@ -198,28 +211,36 @@ def evaluate(
     table: LayerTable,
     network: Network,
     workload: Workload,
+    *,
+    microbatch: int | None = None,
 ) -> PlanCost:
     """Cost breakdown of a plan (see the module docstring for the model).
 
-    Raises ``KeyError`` for a device id that ``devices`` does not know and ``ValueError`` for
-    stages that do not cover the layers in order.
+    ``microbatch`` (training only; default the whole batch) is the samples per microbatch of a
+    GPipe step; it must divide the batch. Raises ``KeyError`` for a device id that ``devices``
+    does not know and ``ValueError`` for stages that do not cover the layers in order or a
+    microbatch that does not divide the batch.
     """
     _check_cover(stages, len(table.layers))
     lookup = _lookup(devices)
     kind = workload.kind
     batch = workload.batch
+    count = _microbatch_count(workload, microbatch)
     dirs = direction_factor(kind)
     gflops = layer_gflops(table, kind)
+    forward_gflops = [layer.gflops for layer in table.layers]
 
     busy: dict[NodeId, float] = {}
     sending: dict[NodeId, float] = {}
     link_load: dict[tuple[NodeId, NodeId], float] = {}
+    forward_load: dict[tuple[NodeId, NodeId], float] = {}
 
     def send(src: NodeId, dst: NodeId, seconds: float) -> None:
         sending[src] = sending.get(src, 0.0) + seconds
         link_load[(src, dst)] = link_load.get((src, dst), 0.0) + seconds
 
     compute: list[float] = []
+    forward_part: list[float] = []  # per stage: the forward's share of its compute time
     for stage in stages:
         work = sum(gflops[stage.first : stage.last + 1])
         slowest = 0.0
@@ -229,8 +250,12 @@ def evaluate(
             busy[member.id] = busy.get(member.id, 0.0) + seconds
             slowest = max(slowest, seconds)
         compute.append(slowest)
+        forward = sum(forward_gflops[stage.first : stage.last + 1])
+        forward_part.append(forward / work if work > 0 else 1.0)
 
     transfers: list[float] = []
+    wires: list[float] = []  # per boundary, one direction, without path latency
+    latencies: list[float] = []
     for before, after in itertools.pairwise(stages):
         nbytes = table.layers[before.last].activation_bytes * batch
         per_sender: dict[NodeId, float] = {}
@@ -244,18 +269,23 @@ def evaluate(
                 if wire == 0.0:
                     continue
                 send(src.id, dst.id, wire)
+                forward_load[(src.id, dst.id)] = forward_load.get((src.id, dst.id), 0.0) + wire
                 if dirs == 2:  # the gradient goes back over the same pair
                     send(dst.id, src.id, wire)
                 per_sender[src.id] = per_sender.get(src.id, 0.0) + wire
                 worst_latency = max(worst_latency, latency_ms / 1e3)
         if not per_sender:
             transfers.append(0.0)
+            wires.append(0.0)
+            latencies.append(0.0)
             continue
         if network.kind == "shared":
             wire_time = sum(per_sender.values())  # one medium: transfers take turns
         else:
             wire_time = max(per_sender.values())  # disjoint links run in parallel
         transfers.append(dirs * (wire_time + worst_latency))
+        wires.append(wire_time)
+        latencies.append(worst_latency)
 
     sync = 0.0
     if kind == "training":
@@ -266,6 +296,11 @@ def evaluate(
     else:
         network_s = max(link_load.values(), default=0.0)
     latency_s = sum(compute) + sum(transfers) + sync
+    if kind == "training" and count > 1:
+        latency_s = (
+            _gpipe_step(compute, forward_part, wires, latencies, forward_load, network, count)
+            + sync
+        )
     bottleneck = max(max(compute, default=0.0), network_s, MIN_BOTTLENECK_S)
     if kind == "training":
         # A synchronous step (forward, backward, gradient sync, optimiser) must finish before
@@ -296,7 +331,83 @@ def evaluate(
         period_s=period,
         energy_j=energy,
         batch=batch,
+        microbatch=batch // count if kind == "training" else 0,
     )
+
+
+def microbatch_options(stages: Sequence[StagePlan], workload: Workload) -> tuple[int, ...]:
+    """Microbatch sizes a plan can run with, the whole batch first.
+
+    Inference: the batch (a request is one microbatch). Training: every divisor of the batch
+    that gives each replica of a data-parallel group a whole number of samples, at least one,
+    of every microbatch (the runtime splits microbatches by whole samples).
+    """
+    batch = workload.batch
+    if workload.kind != "training":
+        return (batch,)
+    options = []
+    for size in range(batch, 0, -1):
+        if batch % size:
+            continue
+        whole = True
+        for stage in stages:
+            members = [m for m in stage.devices if m.share > 0]
+            if len(members) < 2:
+                continue
+            for member in members:
+                samples = member.share * size
+                if round(samples) < 1 or abs(samples - round(samples)) > 1e-6:
+                    whole = False
+                    break
+            if not whole:
+                break
+        if whole:
+            options.append(size)
+    return tuple(options)
+
+
+def _microbatch_count(workload: Workload, microbatch: int | None) -> int:
+    """Microbatches per batch; only a training step is ever cut into several."""
+    if microbatch is None or microbatch == workload.batch:
+        return 1
+    if workload.kind != "training":
+        raise ValueError(
+            f"an inference request is one microbatch of {workload.batch}, got {microbatch}"
+        )
+    if not 1 <= microbatch <= workload.batch or workload.batch % microbatch:
+        raise ValueError(f"microbatch must divide the batch of {workload.batch}, got {microbatch}")
+    return workload.batch // microbatch
+
+
+def _gpipe_step(
+    compute: Sequence[float],
+    forward_part: Sequence[float],
+    wires: Sequence[float],
+    latencies: Sequence[float],
+    forward_load: Mapping[tuple[NodeId, NodeId], float],
+    network: Network,
+    count: int,
+) -> float:
+    """Forward and backward passes of a GPipe step of ``count`` equal microbatches.
+
+    Each pass is a flow shop of identical jobs: ``sum of its elements + (count - 1) x the
+    slowest``, the elements being every stage's compute and every transfer of one microbatch;
+    on a shared medium all of a microbatch's transfers take turns on one resource, so the
+    network element is their sum. The gradient all-reduce follows (``_allreduce``).
+    """
+    if network.kind == "shared":
+        network_one = sum(forward_load.values()) / count
+    else:
+        # A sender's transfers to several replicas take turns on its interface.
+        busiest = max(forward_load.values(), default=0.0)
+        network_one = max(busiest, *wires, 0.0) / count
+    hops = sum(w / count + lat for w, lat in zip(wires, latencies, strict=True))
+    step = 0.0
+    for part in (forward_part, [1.0 - f for f in forward_part]):
+        stage_times = [c * f / count for c, f in zip(compute, part, strict=True)]
+        slowest = max(max(stage_times, default=0.0), network_one)
+        step += sum(stage_times) + hops + (count - 1) * slowest
+    return step
 
 
 def predict(
@@ -305,9 +416,11 @@ def predict(
     table: LayerTable,
     network: Network,
     workload: Workload,
+    *,
+    microbatch: int | None = None,
 ) -> Prediction:
     """Predicted latency, throughput and energy per sample of a plan."""
-    return evaluate(stages, devices, table, network, workload).prediction()
+    return evaluate(stages, devices, table, network, workload, microbatch=microbatch).prediction()
 
 
 def _allreduce(

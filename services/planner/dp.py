@@ -199,6 +199,8 @@ class _Problem:
         table: LayerTable,
         network: Network,
         workload: Workload,
+        *,
+        steady: bool = False,
     ) -> None:
         self.devices = tuple(devices)
         self.table = table
@@ -206,7 +208,10 @@ class _Problem:
         self.workload = workload
         self.batch = workload.batch
         self.shared = network.kind == "shared"
-        self.training = workload.kind == "training"
+        #: Whether a plan's bottleneck is its step (synchronous training steps, ``cost.py``).
+        #: ``steady`` prices training as a pipeline in steady state instead: the limit of a
+        #: GPipe step cut into many microbatches, whose time tends to the slowest element.
+        self.training = workload.kind == "training" and not steady
         dirs = cost.direction_factor(workload.kind)
         d_count = self.n_devices = len(self.devices)
         n = self.n_layers = len(table.layers)

@@ -220,12 +220,16 @@ def make_plan(
     table: LayerTable,
     network: Network,
     workload: Workload,
+    *,
+    microbatch: int | None = None,
 ) -> Plan:
     """A plan with ``cost.predict``'s figures and one flow per replica pair, in pipeline order
     (activations forward, then, for training, the gradients back); the network scheduler sets
-    their rates."""
+    their rates. ``microbatch`` (training) cuts a step into microbatches of that many samples;
+    by default a step (or a request) is one microbatch."""
     stages = tuple(stages)
-    predicted = cost.predict(stages, devices, table, network, workload)
+    size = workload.batch if microbatch is None else microbatch
+    predicted = cost.predict(stages, devices, table, network, workload, microbatch=size)
     flows: list[Flow] = []
     for before, after in itertools.pairwise(stages):
         for src in before.devices:
@@ -239,9 +243,9 @@ def make_plan(
                     if src.id != dst.id:
                         flows.append(Flow(src=dst.id, dst=src.id))
     return Plan(
-        plan_id=plan_id(stages, workload.batch),
+        plan_id=plan_id(stages, size),
         stages=stages,
-        microbatch=workload.batch,
+        microbatch=size,
         flows=tuple(flows),
         predicted=predicted,
     )
@@ -253,15 +257,18 @@ def device_power_w(
     table: LayerTable,
     network: Network,
     workload: Workload,
+    *,
+    microbatch: int | None = None,
 ) -> dict[NodeId, float]:
     """Average draw of each participating device under ``cost.py``'s energy model (watts).
 
-    The battery budget needs it per device; ``cost.evaluate`` only reports the sum.
+    The battery budget needs it per device; ``cost.evaluate`` only reports the sum. A step's
+    work and bytes do not depend on ``microbatch``; its length (the period) does.
     """
     lookup: Mapping[str, DeviceProfile] = (
         devices if isinstance(devices, Mapping) else {d.node_id: d for d in devices}
     )
-    pc = cost.evaluate(stages, lookup, table, network, workload)
+    pc = cost.evaluate(stages, lookup, table, network, workload, microbatch=microbatch)
     gflops = cost.layer_gflops(table, workload.kind)
     batch = workload.batch
     dirs = cost.direction_factor(workload.kind)
@@ -314,12 +321,15 @@ def battery_ok(
     network: Network,
     workload: Workload,
     battery_hours: float | None,
+    *,
+    microbatch: int | None = None,
 ) -> bool:
     """Whether every battery-powered device lasts ``battery_hours`` at the plan's average draw."""
     if battery_hours is None or not any(d.battery_wh > 0 for d in devices):
         return True
     lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
-    for node_id, watts in device_power_w(stages, lookup, table, network, workload).items():
+    power = device_power_w(stages, lookup, table, network, workload, microbatch=microbatch)
+    for node_id, watts in power.items():
         capacity = lookup[node_id].battery_wh
         if capacity > 0 and watts * battery_hours > capacity * (1 + BOUND_SLACK):
             return False
@@ -334,18 +344,65 @@ def valid_plan(
     workload: Workload,
     bounds: Bounds,
     battery_hours: float | None,
+    *,
+    microbatch: int | None = None,
 ) -> cost.PlanCost | None:
     """The plan's cost when it fits memory, has every link it needs, meets the bounds and the
     battery budget; None otherwise."""
     lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
     if not all(cost.fits(s, lookup, table, workload) for s in stages):
         return None
-    pc = cost.evaluate(stages, lookup, table, network, workload)
+    return _priced(
+        stages, devices, lookup, table, network, workload, bounds, battery_hours, microbatch
+    )
+
+
+def best_microbatch(
+    stages: Sequence[StagePlan],
+    devices: Sequence[DeviceProfile],
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+    bounds: Bounds,
+    battery_hours: float | None,
+    objective: Objective,
+) -> cost.PlanCost | None:
+    """``valid_plan`` at the microbatch size that serves ``objective`` best (``PlanCost.
+    microbatch`` says which): a training step cut into microbatches keeps every stage busy
+    on a different one (GPipe), so a pipeline's step, and the idle draw of its devices over
+    it, shrink. Inference has one size, the batch."""
+    lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
+    if not all(cost.fits(s, lookup, table, workload) for s in stages):
+        return None
+    best: cost.PlanCost | None = None
+    for size in cost.microbatch_options(stages, workload):
+        pc = _priced(stages, devices, lookup, table, network, workload, bounds, battery_hours, size)
+        if pc is not None and (
+            best is None or objective_key(objective, pc) < objective_key(objective, best)
+        ):
+            best = pc
+    return best
+
+
+def _priced(
+    stages: Sequence[StagePlan],
+    devices: Sequence[DeviceProfile],
+    lookup: Mapping[str, DeviceProfile],
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+    bounds: Bounds,
+    battery_hours: float | None,
+    microbatch: int | None,
+) -> cost.PlanCost | None:
+    pc = cost.evaluate(stages, lookup, table, network, workload, microbatch=microbatch)
     if not (math.isfinite(pc.latency_s) and math.isfinite(pc.energy_j)):
         return None
     if not meets_bounds(pc, bounds):
         return None
-    if not battery_ok(stages, devices, table, network, workload, battery_hours):
+    if not battery_ok(
+        stages, devices, table, network, workload, battery_hours, microbatch=microbatch
+    ):
         return None
     return pc
 
@@ -1540,6 +1597,7 @@ __all__ = [
     "MilpResult",
     "balanced_split",
     "battery_ok",
+    "best_microbatch",
     "brute_force",
     "device_groups",
     "device_power_w",

@@ -7,9 +7,11 @@ sending agent enforces, and re-prices each plan under that pacing. Pure: plans i
 
 The model, per *domain* (the shared medium, or one directed link with per-pair links):
 
-- A flow ``f`` of plan ``p`` carries ``X_f`` bits per microbatch (its pair's part of the cut's
-  activation) once per period ``P_p`` (``cost.evaluate``'s steady-state period), so it needs a
-  sustained rate ``rho_f = X_f / P_p`` to keep the plan's throughput: its *floor*.
+- A flow ``f`` of plan ``p`` carries ``X_f`` bits per period ``P_p`` (``cost.evaluate``'s
+  steady-state period): its pair's part of the cut's activation for one microbatch, or for a
+  training step cut into several microbatches, for all of them (they cross in one pass, and
+  the next step waits for the optimiser), so it needs a sustained rate ``rho_f = X_f / P_p`` to
+  keep the plan's throughput: its *floor*.
 - Order: a plan's own transfers never compete with each other. In steady state the pipeline
   sends one cut at a time per period (the cost model's bottleneck already charges their sum to
   the medium), so each plan's flows are listed in pipeline order and sent whole, each as one
@@ -70,7 +72,7 @@ class _Flow:
     index: int  # position in the plan's flows
     src: NodeId
     dst: NodeId
-    bits: float  # per microbatch
+    bits: float  # per period: one microbatch, or a training step's microbatches together
     boundary: int  # cut index; gradients are numbered after the forward cuts
     floor_bps: float
     rate_bps: float = 0.0
@@ -98,7 +100,10 @@ def schedule(
     lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
     if latency_critical is None:
         latency_critical = {p.plan_id for p in plans} if qoe.latency_ms else set()
-    costs = [cost.evaluate(p.stages, lookup, table, network, workload) for p in plans]
+    costs = [
+        cost.evaluate(p.stages, lookup, table, network, workload, microbatch=p.microbatch)
+        for p in plans
+    ]
     flows = _flows(plans, costs, table, network, workload)
     critical = [p.plan_id in latency_critical for p in plans]
     chunked = any(critical) and len(plans) > 1
@@ -146,6 +151,7 @@ def _flows(
         cuts = list(itertools.pairwise(plan.stages))
         for b, (before, after) in enumerate(cuts):
             nbytes = table.layers[before.last].activation_bytes * plan.microbatch
+            nbytes *= pc.microbatches
             for src in before.devices:
                 for dst in after.devices:
                     if src.id == dst.id:
@@ -201,9 +207,11 @@ def _slack_s(
 def _wire_seconds(plan: Plan, network: Network, table: LayerTable, workload: Workload) -> float:
     """The wire part of the plan's latency under ``cost.py`` (both ways for training)."""
     dirs = cost.direction_factor(workload.kind)
+    # A training step's microbatches together: the bytes of the whole batch.
+    samples = workload.batch if workload.kind == "training" else plan.microbatch
     total = 0.0
     for before, after in itertools.pairwise(plan.stages):
-        nbytes = table.layers[before.last].activation_bytes * plan.microbatch
+        nbytes = table.layers[before.last].activation_bytes * samples
         per_sender: dict[NodeId, float] = {}
         for src in before.devices:
             for dst in after.devices:

@@ -569,3 +569,129 @@ def test_api_returns_a_plan_set() -> None:
     assert 1 <= len(result.plans) <= 2
     assert set(result.mix) == {p.plan_id for p in result.plans}
     assert not math.isnan(result.plans[0].predicted.energy_j_per_sample)
+
+
+def test_gpipe_step_by_hand() -> None:
+    # Two stages, a batch of 2 in microbatches of 1; forward 1 s and backward 2 s per
+    # microbatch on each device, no bytes to move. a: F F . . . B B; b: . F F B B: 9 s, not the
+    # 12 s of one microbatch of 2 (2 + 2 forward, 4 + 4 backward).
+    a, b = device("a", 1.0, idle=1, active=5), device("b", 1.0, idle=1, active=5)
+    table = LayerTable("m", (LayerInfo("x", 1.0, 0, 0), LayerInfo("y", 1.0, 0, 0)), 0)
+    stages = (StagePlan(0, 0, (DeviceShare(NodeId("a")),)), StagePlan(1, 1, (DeviceShare("b"),)))
+    network = Network("shared", bandwidth_mbps=100, latency_ms=0)
+    workload = Workload("training", batch=2)
+    whole = cost.evaluate(stages, [a, b], table, network, workload)
+    cut = cost.evaluate(stages, [a, b], table, network, workload, microbatch=1)
+    assert whole.latency_s == pytest.approx(12.0) and whole.microbatches == 1
+    assert cut.latency_s == pytest.approx(9.0) and cut.microbatches == 2
+    assert cut.bottleneck_s == cut.period_s == pytest.approx(9.0)
+    # The same work (6 s a device at 5 W); idle 1 W over the rest of a shorter step.
+    assert cut.energy_j == pytest.approx(2 * (6 * 5 + 3 * 1))
+    assert whole.energy_j == pytest.approx(2 * (6 * 5 + 6 * 1))
+    assert cost.microbatch_options(stages, workload) == (2, 1)
+    with pytest.raises(ValueError, match="divide"):
+        cost.evaluate(stages, [a, b], table, network, Workload("training", batch=3), microbatch=2)
+    with pytest.raises(ValueError, match="inference"):
+        cost.evaluate(stages, [a, b], table, network, Workload("inference", 2), microbatch=1)
+
+
+def test_microbatch_options_keep_whole_samples_on_replicas() -> None:
+    stages = (
+        StagePlan(0, 0, (DeviceShare(NodeId("a"), 0.75), DeviceShare(NodeId("b"), 0.25))),
+        StagePlan(1, 1, (DeviceShare(NodeId("c")),)),
+    )
+    # 6 of 8 samples and 2 of 8: microbatches of 8 or 4 keep them whole (6/2, 3/1), not 2 or 1.
+    assert cost.microbatch_options(stages, Workload("training", batch=8)) == (8, 4)
+    assert cost.microbatch_options(stages, Workload("inference", batch=8)) == (8,)
+
+
+def test_min_energy_training_pipelines_frugal_devices_in_microbatches() -> None:
+    """Two frugal devices pipelined meet the step bound only with the step cut into
+    microbatches (each alone is too slow, and so is their pipeline of one microbatch); the
+    fast, hungry device meets it alone. The planner finds the frugal pipeline and its
+    microbatch, cheaper than every plan of one microbatch a step (brute force)."""
+    from doramesh.planner import milp
+
+    frugal = [device(n, 10.0, idle=1.0, active=5.0, tx=0.1) for n in ("f1", "f2")]
+    hungry = device("h", 25.0, idle=6.0, active=40.0, tx=0.1)
+    devices = [*frugal, hungry]
+    # Big parameters: a data-parallel pair's gradient all-reduce costs more than it saves.
+    table = uniform_table(6, gflops=1.0, param_mb=200, act_mb=0.01)
+    network = Network("shared", bandwidth_mbps=1000, latency_ms=0.1)
+    workload = Workload("training", batch=8)
+    qoe = QoESpec("min_energy", latency_ms=10_000)  # one frugal device alone: 14.4 s
+    whole_best = milp.brute_force(devices, table, network, workload, qoe)
+    assert whole_best is not None
+    got = api.plan(devices, table, network, workload, qoe, time_limit_s=5).plans[0]
+    assert got.microbatch < workload.batch
+    assert set(got.device_ids) == {"f1", "f2"}
+    assert got.predicted.latency_ms <= 10_000
+    assert got.predicted.energy_j_per_sample < 0.8 * whole_best.predicted.energy_j_per_sample
+    assert got.predicted == cost.predict(
+        got.stages, devices, table, network, workload, microbatch=got.microbatch
+    )
+
+
+def test_gpipe_cost_model_agrees_with_the_simulator() -> None:
+    """The simulator (independent code) runs the same GPipe schedule: step time and energy
+    agree for pipelines, data-parallel groups, shared media and links, at every microbatch.
+    (A group's transfers on per-pair links are an upper bound in the cost model, see
+    ``milp.py``: there the model may only be pessimistic, by a little.)"""
+    from doramesh.scenario_types import Scenario
+    from doramesh.simulator import simulate
+    from doramesh.types import PlanId, Prediction
+
+    rng = random.Random("gpipe")
+    checked = 0
+    for _ in range(12):
+        devices = [
+            device(f"d{k}", rng.uniform(5, 50), idle=rng.uniform(0.5, 5), tx=rng.uniform(0, 1))
+            for k in range(3)
+        ]
+        table = LayerTable(
+            "r",
+            tuple(
+                LayerInfo(
+                    f"l{i}",
+                    rng.uniform(0.1, 2),
+                    int(rng.uniform(1e5, 5e6)),
+                    int(rng.uniform(1e4, 1e6)),
+                )
+                for i in range(4)
+            ),
+            1000,
+        )
+        if rng.random() < 0.5:
+            network = Network("shared", bandwidth_mbps=rng.uniform(50, 500), latency_ms=1)
+        else:
+            network = Network(
+                "links",
+                links=tuple(
+                    Link(NodeId(f"d{a}"), NodeId(f"d{b}"), rng.uniform(50, 500), 0.5)
+                    for a in range(3)
+                    for b in range(a + 1, 3)
+                ),
+            )
+        workload = Workload("training", batch=4)
+        group = rng.random() < 0.3
+        first = (
+            (DeviceShare(NodeId("d0"), 0.5), DeviceShare(NodeId("d1"), 0.5))
+            if group
+            else (DeviceShare(NodeId("d0")),)
+        )
+        stages = (
+            StagePlan(0, 1, first),
+            StagePlan(2, 3, (DeviceShare(NodeId("d2")),)),
+        )
+        sc = Scenario("t", tuple(devices), network, table, None, workload, QoESpec(), ())
+        for size in cost.microbatch_options(stages, workload):
+            pc = cost.evaluate(stages, devices, table, network, workload, microbatch=size)
+            p = Plan(PlanId("p"), stages, size, (), Prediction(0.0, 0.0, 0.0))
+            sim = simulate(p, sc, requests=3, apply_dynamics=False)
+            if group and network.kind == "links":
+                assert pc.latency_s * 0.95 <= sim.latency_ms / 1e3 <= pc.latency_s * (1 + 1e-6)
+                continue
+            assert sim.latency_ms == pytest.approx(pc.latency_s * 1e3, rel=1e-6)
+            assert sim.energy_j_per_sample == pytest.approx(pc.energy_j_per_sample, rel=1e-6)
+            checked += 1
+    assert checked >= 20
