@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,12 @@ _log = structlog.get_logger("agent.runtime")
 
 #: Largest stage a WeightStore may send (a 1B model's stage in fp32 fits well under this).
 MAX_STAGE_WEIGHT_BYTES = 8 << 30
+#: Unloaded stages remembered, so late traffic of a retired plan epoch is refused by name.
+MAX_RETIRED_STAGES = 4096
+#: Cancelled request ids remembered, so their microbatches still on the way are dropped.
+MAX_CANCELLED_REQUESTS = 4096
+#: Weight of the newest computation in the device's measured speed (seconds per GFLOP).
+SPEED_EWMA_ALPHA = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +213,15 @@ class StageRuntime:
         self._compute = asyncio.Lock()
         self._load_lock = asyncio.Lock()
         self.checkpoints = CheckpointStore(cache.root / "checkpoints")
+        #: Stage id -> plan epoch of stages unloaded here (bounded, oldest forgotten first).
+        self.retired: OrderedDict[str, int] = OrderedDict()
+        #: The device's measured speed: EWMA of paced seconds per GFLOP, over computations.
+        self.computations = 0
+        self.seconds_per_gflop = 0.0
+        #: Request ids the coordinator cancelled (bounded), and the work running for each request.
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.inflight: dict[str, set[asyncio.Task[None]]] = {}
+        self.cancelled_microbatches = 0
 
     @property
     def used_bytes(self) -> int:
@@ -296,20 +312,93 @@ class StageRuntime:
         stage = self.stages.pop(stage_id, None)
         if stage is None:
             return False
+        self.retired[stage_id] = stage.spec.plan_epoch
+        while len(self.retired) > MAX_RETIRED_STAGES:
+            self.retired.popitem(last=False)
         await _close_links(stage)
         return True
 
     def get(self, stage_id: str, plan_epoch: int) -> LoadedStage:
+        """The loaded stage for traffic of ``plan_epoch``; traffic of an older (retired or
+        replaced) epoch is refused with FailedPrecondition so its sender replays it on a live
+        plan."""
         stage = self.stages.get(stage_id)
         if stage is None:
+            if stage_id in self.retired:
+                raise FailedPrecondition(
+                    f"stage {stage_id!r} of plan epoch {self.retired[stage_id]} is retired"
+                )
             raise NotFound(f"no stage {stage_id!r} is loaded on this agent")
         if stage.spec.plan_epoch != plan_epoch:
-            from doramesh.errors import Aborted
-
-            raise Aborted(
+            raise FailedPrecondition(
                 f"stage {stage_id!r} runs plan epoch {stage.spec.plan_epoch}, not {plan_epoch}"
             )
         return stage
+
+    # -- live control: measurements, pacing, cancellation -------------------------------------
+
+    def _measured(self, gflops: float, seconds: float) -> None:
+        if gflops <= 0:
+            return
+        sample = seconds / gflops
+        self.computations += 1
+        if self.computations == 1:
+            self.seconds_per_gflop = sample
+        else:
+            a = SPEED_EWMA_ALPHA
+            self.seconds_per_gflop = a * sample + (1 - a) * self.seconds_per_gflop
+
+    def set_flow_rate(
+        self, stage_id: str, next_stage_id: str, rate_mbps: float, burst_kb: float
+    ) -> TokenBucket | None:
+        """Re-pace one outgoing flow live; returns its bucket (None when now unpaced)."""
+        stage = self.stages.get(stage_id)
+        if stage is None:
+            raise NotFound(f"no stage {stage_id!r} is loaded on this agent")
+        # Inference flows only: a training job's flows keep the pacing they were loaded with.
+        links = [r.link for r in stage.next if r.stage_id == next_stage_id]
+        if not links:
+            raise NotFound(f"stage {stage_id!r} has no inference next hop {next_stage_id!r}")
+        hop = NextHopSpec("", next_stage_id, 1.0, rate_mbps, burst_kb)
+        fresh = _bucket(hop)
+        for link in links:
+            if fresh is None:
+                if link.bucket is not None:
+                    link.bucket.set_rate(None, link.bucket.burst)
+            elif link.bucket is None:
+                link.bucket = fresh
+            else:
+                link.bucket.set_rate(fresh.rate, fresh.burst)
+        return links[0].bucket if fresh is not None else None
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return bool(request_id) and request_id in self.cancelled
+
+    def track(self, request_id: str, task: asyncio.Task[None]) -> None:
+        """Remember ``task`` as work of ``request_id`` until it ends, so a cancel can stop it."""
+        if not request_id:
+            return
+        tasks = self.inflight.setdefault(request_id, set())
+        tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            if not tasks and self.inflight.get(request_id) is tasks:
+                del self.inflight[request_id]
+
+        task.add_done_callback(done)
+
+    def cancel(self, request_id: str) -> int:
+        """Drop a request's work here: running microbatches are cancelled, later ones refused."""
+        self.cancelled[request_id] = None
+        self.cancelled.move_to_end(request_id)
+        while len(self.cancelled) > MAX_CANCELLED_REQUESTS:
+            self.cancelled.popitem(last=False)
+        tasks = self.inflight.pop(request_id, set())
+        for task in tasks:
+            task.cancel()
+        self.cancelled_microbatches += len(tasks)
+        return len(tasks)
 
     async def compute(self, stage: LoadedStage, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Run the stage on one microbatch, paced to the emulated device's speed."""
@@ -331,8 +420,10 @@ class StageRuntime:
                 result: torch.Tensor = out.detach().to("cpu").contiguous()
                 return result
 
+        gflops = stage.gflops_per_sample * batch * scale
         async with self._compute:
-            out, seconds = await self.pacer.run(run, stage.gflops_per_sample * batch * scale)
+            out, seconds = await self.pacer.run(run, gflops)
+        self._measured(gflops, seconds)
         stage.served += 1
         stage.compute_s += seconds
         return out, seconds

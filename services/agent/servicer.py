@@ -8,6 +8,7 @@ input (the backward pass, travelling upstream on the response path) and the part
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +23,7 @@ from doramesh.agent.runtime import LoadedStage, NextHopSpec, StageRuntime, Stage
 from doramesh.agent.training import ReplicaPeerSpec, TrainSettings, check_tag
 from doramesh.channels import CHUNK_BYTES
 from doramesh.convert import profile_to_pb
-from doramesh.errors import DoraMeshError, FailedPrecondition, InvalidArgument
+from doramesh.errors import Cancelled, DoraMeshError, FailedPrecondition, InvalidArgument
 from doramesh.servicing import unary_errors
 from doramesh.streams import MAX_TENSOR_BYTES, fan_out
 from doramesh.tensors import FrameAssembler, iter_frames
@@ -172,6 +173,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         async def handle(header: agent_pb2.ActivationHeader, x: torch.Tensor) -> None:
             try:
                 stage = self.runtime.get(header.stage_id, header.plan_epoch)
+                if self.runtime.is_cancelled(header.request_id):
+                    self.runtime.cancelled_microbatches += 1
+                    raise Cancelled(f"request {header.request_id!r} was cancelled")
                 if header.HasField("train"):
                     async for frame in self._train_part(stage, header, x):
                         await out.put(frame)
@@ -202,6 +206,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             except DoraMeshError as err:
                 await out.put(_error_frame(header, err))
             except Exception as err:  # one microbatch must not take the stream down
+            except asyncio.CancelledError:
+                # Dropped by CancelRequest (or the stream ended): tell the sender, whose own
+                # work for the request is being dropped too, so nothing waits on it.
+                out.put_nowait(_error_frame(header, Cancelled("request cancelled")))
                 _log.exception("microbatch failed", stage_id=header.stage_id)
                 await out.put(_error_frame(header, DoraMeshError(f"internal error: {err}")))
             finally:
@@ -221,6 +229,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
+                    self.runtime.track(done[0].request_id, task)
                     await asyncio.gather(*list(tasks), return_exceptions=True)
                 await out.put(None)
             except DoraMeshError as err:
@@ -366,6 +375,64 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 yield frame
 
     @unary_errors
+    @unary_errors
+    async def GetStats(
+        self, request: agent_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.AgentStats:
+        rt = self.runtime
+        return agent_pb2.AgentStats(
+            node_id=self.profile.node_id,
+            computations=rt.computations,
+            seconds_per_gflop=rt.seconds_per_gflop,
+            slowdown=rt.pacer.slowdown,
+            cancelled_microbatches=rt.cancelled_microbatches,
+            stages=[
+                agent_pb2.StageStats(
+                    stage_id=s.spec.stage_id,
+                    plan_epoch=s.spec.plan_epoch,
+                    served=s.served,
+                    compute_s=s.compute_s,
+                )
+                for s in rt.stages.values()
+            ],
+        )
+
+    @unary_errors
+    async def SetFlowRate(
+        self, request: agent_pb2.SetFlowRateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.SetFlowRateResponse:
+        if not (math.isfinite(request.rate_mbps) and request.rate_mbps >= 0):
+            raise InvalidArgument(f"rate_mbps must be >= 0, got {request.rate_mbps}")
+        if not (math.isfinite(request.burst_kb) and request.burst_kb >= 0):
+            raise InvalidArgument(f"burst_kb must be >= 0, got {request.burst_kb}")
+        bucket = self.runtime.set_flow_rate(
+            request.stage_id, request.next_stage_id, request.rate_mbps, request.burst_kb
+        )
+        if bucket is None or bucket.rate is None:
+            return agent_pb2.SetFlowRateResponse()
+        return agent_pb2.SetFlowRateResponse(
+            rate_mbps=bucket.rate * 8 / 1e6, burst_kb=bucket.burst / 1e3
+        )
+
+    @unary_errors
+    async def CancelRequest(
+        self, request: agent_pb2.CancelRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.CancelRequestResponse:
+        if not _ID.match(request.request_id):
+            raise InvalidArgument(f"request_id {request.request_id!r} is not a valid id")
+        return agent_pb2.CancelRequestResponse(dropped=self.runtime.cancel(request.request_id))
+
+    @unary_errors
+    async def SetSlowdown(
+        self, request: agent_pb2.SetSlowdownRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.SetSlowdownResponse:
+        try:
+            self.runtime.pacer.slowdown = request.slowdown
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from err
+        _log.info("slowdown set", slowdown=request.slowdown)
+        return agent_pb2.SetSlowdownResponse(slowdown=self.runtime.pacer.slowdown)
+
     async def SaveCheckpoint(
         self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.SaveCheckpointResponse:

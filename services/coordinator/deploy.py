@@ -9,11 +9,15 @@ and are unloaded when the job ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import itertools
 import time
+import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import grpc.aio
 import structlog
@@ -21,6 +25,8 @@ import torch
 
 from doramesh import convert, models
 from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, create_channel
+from doramesh.coordinator import adapter
+from doramesh.coordinator.mix import LiveSet, PlanStats, Reweight
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.weights import StageKey, WeightStore
 from doramesh.errors import (
@@ -29,12 +35,22 @@ from doramesh.errors import (
     DoraMeshError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     Unavailable,
     error_for,
 )
 from doramesh.streams import PeerLink, Replica, StageResult, fan_out
 from doramesh.training import OptimizerSpec, TrainLink, TrainReplica, optimizer_to_pb
-from doramesh.types import Network, NodeId, Plan, QoESpec, Workload
+from doramesh.types import (
+    DeviceProfile,
+    LayerTable,
+    Network,
+    NodeId,
+    Plan,
+    PlanSet,
+    QoESpec,
+    Workload,
+)
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, planner_pb2, planner_pb2_grpc
 
 _log = structlog.get_logger("coordinator.deploy")
@@ -45,6 +61,16 @@ DeploymentStatus = Literal["deploying", "ready", "failed"]
 MAX_REPLAYS = 3
 #: Deadline of the probe that tells a dead agent from a broken stream.
 LIVENESS_PROBE_S = 1.0
+#: Plans of one model live at once (each holds its stages' weights on its agents).
+MAX_LIVE_PLANS = 8
+#: How often the adapter polls the agents of live plans for their measured speed.
+ADAPT_POLL_S = 0.1
+#: Deadline of one stats poll (a busy in-process agent may answer late; that is not death).
+STATS_TIMEOUT_S = 0.5
+#: How long a retired plan's in-flight requests may take to finish before its stages go.
+DRAIN_S = 5.0
+#: Deadline of the cancel sent to each agent of a plan when a request is given up.
+CANCEL_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +134,7 @@ class Deployer:
         planner_address: str,
         network: Network,
         weights_source: str,
+        max_plans: int = 1,
     ) -> None:
         self.registry = registry
         self.weights = weights
@@ -122,6 +149,15 @@ class Deployer:
         self._recovering: dict[str, asyncio.Lock] = {}
         self._planner_channel: grpc.aio.Channel | None = None
         self._agent_channels: dict[str, grpc.aio.Channel] = {}
+        #: Each served model's live plans and their shares (``deployments`` keeps the first).
+        self.live: dict[str, LiveSet] = {}
+        #: Plans per model asked of the planner when a Deploy names no number.
+        self.max_plans = max_plans
+        self._background: set[asyncio.Task[Any]] = set()
+        self._adapter_task: asyncio.Task[None] | None = None
+        self._replanning: set[str] = set()
+        #: Per device, the computations counted at the last stats poll.
+        self._computations: dict[NodeId, int] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._agent_channels.get(address)
@@ -132,8 +168,25 @@ class Deployer:
     async def plan(
         self, model: str, qoe: QoESpec, workload: Workload, planner: str, timeout_s: float
     ) -> Plan:
+        """The best single plan (training runs one plan)."""
+        plan_set, _ = await self.plan_set(model, qoe, workload, planner, timeout_s, max_plans=1)
+        return plan_set.plans[0]
+
+    async def plan_set(
+        self,
+        model: str,
+        qoe: QoESpec,
+        workload: Workload,
+        planner: str,
+        timeout_s: float,
+        *,
+        max_plans: int,
+        devices: Sequence[DeviceProfile] | None = None,
+    ) -> tuple[PlanSet, LayerTable]:
+        """Ask the planner for up to ``max_plans`` plans over ``devices`` (default: the live
+        fleet as profiled)."""
         table = await asyncio.to_thread(models.layer_table, model)
-        devices = self.registry.alive()
+        devices = list(self.registry.alive() if devices is None else devices)
         if not devices:
             raise FailedPrecondition("no live agents in the fleet to plan on")
         if self._planner_channel is None:
@@ -146,9 +199,7 @@ class Deployer:
             workload=convert.workload_to_pb(workload),
             qoe=convert.qoe_to_pb(qoe),
             planner=planner,
-            # The coordinator runs one plan per model for now, so it asks for the best single
-            # plan: the first plan of a larger set is chosen to leave devices to the others.
-            max_plans=1,
+            max_plans=max_plans,
         )
         try:
             response = await stub.Plan(request, timeout=timeout_s)
@@ -157,7 +208,7 @@ class Deployer:
         plan_set = convert.plan_set_from_pb(response.plan_set)
         if not plan_set.plans:
             raise FailedPrecondition("the planner returned no plan")
-        return plan_set.plans[0]
+        return plan_set, table
 
     async def deploy(
         self,
@@ -168,30 +219,120 @@ class Deployer:
         workload: Workload | None = None,
         planner: str = "doramesh",
         plan: Plan | None = None,
+        plans: Sequence[Plan] | None = None,
+        max_plans: int = 0,
         timeout_s: float = DEFAULT_RPC_TIMEOUT_S * 4,
     ) -> Deployment:
-        """Plan (or take ``plan`` as given, checked) and load the stages; the previous
-        deployment of the model is retired only once the new one is ready."""
+        """Plan (or take ``plan``, or ``plans``, as given, checked) and load the stages of up
+        to ``max_plans`` plans (0: the coordinator's default), which then serve side by side;
+        the model's previous plans are retired only once the new ones are ready. Returns the
+        first plan."""
         models.require_served(model)  # NotFound before any work for an unknown model
+        given = list(plans) if plans else ([plan] if plan is not None else None)
+        if given is not None and len(given) > MAX_LIVE_PLANS:
+            raise InvalidArgument(f"at most {MAX_LIVE_PLANS} plans live at once, got {len(given)}")
+        if given is not None:
+            max_plans = len(given)
         qoe = qoe or QoESpec(objective="max_throughput")
         workload = workload or Workload()
         async with self._lock:
-            dep = await self._load_plan(
-                model, seed, qoe, workload, planner, plan, timeout_s, train=None
+            live = await self._load_set(
+                model,
+                seed,
+                qoe,
+                workload,
+                planner,
+                given,
+                min(max_plans or self.max_plans, MAX_LIVE_PLANS),
+                timeout_s,
             )
+            old = self.live.get(model)
+            if old is not None:
+                live.reweights.extend(old.reweights)
+                live.replan_live_s = old.replan_live_s
+            self._install(live)
+            if old is not None:
+                await self._retire_set(old)
+        self._start_adapter()
+        return live.primary
+
+    def _install(self, live: LiveSet) -> None:
+        self.live[live.model] = live
+        self.deployments[live.model] = live.primary
+
+    async def _load_set(
+        self,
+        model: str,
+        seed: int,
+        qoe: QoESpec,
+        workload: Workload,
+        planner: str,
+        plans: list[Plan] | None,
+        max_plans: int,
+        timeout_s: float,
+        *,
+        devices: Sequence[DeviceProfile] | None = None,
+    ) -> LiveSet:
+        """Load every plan of a plan set (the first must load; another that does not fit is
+        left out) and weigh them with the adapter."""
+        if plans is None:
+            plan_set, table = await self.plan_set(
+                model, qoe, workload, planner, timeout_s, max_plans=max_plans, devices=devices
+            )
+            plans = list(plan_set.plans[:max_plans])
+        else:
+            table = await asyncio.to_thread(models.layer_table, model)
+        live = LiveSet(model, seed, qoe, workload, planner, max_plans)
+        for i, plan in enumerate(plans):
+            try:
+                dep = await self._load_plan(
+                    model, seed, qoe, workload, planner, plan, timeout_s, train=None
+                )
+            except DoraMeshError as err:
+                if i == 0:
+                    for loaded in live.plans.values():
+                        await self._retire(loaded)
+                    raise
+                _log.warning("plan left out of the set", model=model, error=err.message)
+                continue
             dep.entry = [Replica(PeerLink(r.address), r.stage_id, r.share) for r in dep.replicas[0]]
             dep.status = "ready"
-            old = self.deployments.get(model)
-            self.deployments[model] = dep
-            if old is not None:
-                await self._retire(old)
-        _log.info(
-            "deployed",
-            model=model,
-            plan_epoch=dep.plan_epoch,
-            stages=[[s.first, s.last, [d.id for d in s.devices]] for s in dep.plan.stages],
+            live.add(dep, self._plan_load(dep, table))
+            _log.info(
+                "deployed",
+                model=model,
+                plan_epoch=dep.plan_epoch,
+                stages=[[s.first, s.last, [d.id for d in s.devices]] for s in dep.plan.stages],
+            )
+        live.reweight(self._alive(), "deployed", force=True)
+        _log.info("plan shares", model=model, shares=live.shares)
+        return live
+
+    def _plan_load(self, dep: Deployment, table: LayerTable) -> adapter.PlanLoad:
+        """A plan as the adapter sees it: each device's busy seconds per sample at its
+        profiled speed, and the plan's predicted capacity, latency and energy."""
+        seconds: dict[NodeId, float] = {}
+        for stage in dep.plan.stages:
+            gflops = sum(table.layers[i].gflops for i in stage.layers)
+            for d in stage.devices:
+                record = self.registry.agents.get(d.id)
+                speed = record.profile.gflops if record is not None else 0.0
+                if speed > 0:
+                    seconds[d.id] = seconds.get(d.id, 0.0) + d.share * gflops / speed
+        predicted = dep.plan.predicted
+        capacity = predicted.throughput_sps
+        if capacity <= 0:
+            capacity = 1.0 / max(seconds.values(), default=1.0)
+        return adapter.PlanLoad(
+            key=dep.plan_epoch,
+            device_seconds=seconds,
+            capacity_sps=capacity,
+            latency_ms=predicted.latency_ms,
+            energy_j_per_sample=predicted.energy_j_per_sample,
         )
-        return dep
+
+    def _alive(self) -> frozenset[NodeId]:
+        return frozenset(p.node_id for p in self.registry.alive())
 
     async def _load_plan(
         self,
@@ -360,7 +501,13 @@ class Deployer:
             except grpc.aio.AioRpcError:
                 pass  # a dead agent holds nothing worth freeing
 
-    async def _retire(self, dep: Deployment) -> None:
+    async def _retire(self, dep: Deployment, drain: PlanStats | None = None) -> None:
+        """Close a plan's entry links and unload its stages, after its in-flight requests
+        finished (at most ``DRAIN_S``; later ones are refused as old-epoch traffic and
+        replayed by their callers)."""
+        if drain is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drain.idle.wait(), DRAIN_S)
         for replica in dep.entry:
             await replica.link.close()
         await self._unload(dep)
@@ -414,37 +561,61 @@ class Deployer:
         if x.shape[0] < 1:
             raise InvalidArgument("batch must be at least 1")
 
+    def live_set(self, model: str) -> LiveSet:
+        models.require_served(model)
+        live = self.live.get(model)
+        if live is None or not live.plans:
+            raise FailedPrecondition(f"model {model!r} is not deployed; call Deploy first")
+        return live
+
     async def infer(
         self, model: str, x: torch.Tensor, *, request_id: str, timeout_s: float
     ) -> tuple[StageResult, Deployment, float]:
-        """Run one request through the model's deployment.
+        """Run one request on one of the model's live plans, chosen by the adapter's shares.
 
-        If an agent on the path fails (its stream breaks), the request is replayed on a new
-        plan over the agents still alive: inference is idempotent, and the caller gets exactly
-        one result per request because only this call delivers it.
+        If an agent on the path fails (its stream breaks) or the plan was retired meanwhile
+        (its agents refuse the old epoch), the request is replayed on another live plan (a new
+        one when none is left): inference is idempotent, and the caller gets exactly one result
+        per request because only this call delivers it. A caller that goes away (cancelled,
+        deadline) has its request dropped on the agents too.
         """
         self.check_input(model, x)
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_s
+        # The fleet sees its own id per request: callers' ids (stream positions) repeat.
+        fleet_id = uuid.uuid4().hex
+        failed_on: set[int] = set()
         for attempt in range(MAX_REPLAYS + 1):
-            dep = self.get(model)
+            pending = self.live.get(model)
+            if pending is not None and not pending.plans:
+                await self._await_recovery(model, deadline - time.monotonic())
+            live = self.live_set(model)
+            dep = live.pick(exclude=failed_on if len(failed_on) < len(live.plans) else set())
             remaining = deadline - time.monotonic()
+            live.started(dep)
+            ok = False
             try:
                 result = await fan_out(
                     dep.entry,
                     x,
                     plan_epoch=dep.plan_epoch,
-                    request_id=request_id,
+                    request_id=fleet_id,
                     timeout=max(remaining, 0.0),
                 )
+                ok = True
             except TimeoutError as err:
                 dep.failed += 1
+                self._cancel_in_fleet(dep, fleet_id)
                 raise DeadlineExceeded(f"no result within {timeout_s:.1f} s") from err
-            except (Unavailable, Aborted) as err:
+            except asyncio.CancelledError:
+                self._cancel_in_fleet(dep, fleet_id)
+                raise
+            except (Unavailable, Aborted, FailedPrecondition) as err:
                 if attempt == MAX_REPLAYS or deadline - time.monotonic() <= 0:
                     dep.failed += 1
                     raise
                 dep.replayed += 1
+                failed_on.add(dep.plan_epoch)
                 _log.warning(
                     "request failed on the fleet; replaying",
                     request_id=request_id,
@@ -456,35 +627,282 @@ class Deployer:
             except DoraMeshError:
                 dep.failed += 1
                 raise
-            latency_ms = (time.perf_counter() - start) * 1e3
+            finally:
+                latency_ms = (time.perf_counter() - start) * 1e3
+                live.finished(dep, latency_ms if ok else None)
             dep.served += 1
             dep.latencies_ms.append(latency_ms)
             return result, dep, latency_ms
         raise AssertionError("unreachable")
 
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _cancel_in_fleet(self, dep: Deployment, fleet_id: str) -> None:
+        """Tell every agent of ``dep`` to drop the request's microbatches (in the background:
+        the caller that gave up is not kept waiting)."""
+
+        async def cancel() -> None:
+            addresses = {r.address for stage in dep.replicas for r in stage}
+            calls = [
+                self.agent_stub(a).CancelRequest(
+                    agent_pb2.CancelRequestRequest(request_id=fleet_id), timeout=CANCEL_TIMEOUT_S
+                )
+                for a in addresses
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            dropped = sum(r.dropped for r in results if not isinstance(r, BaseException))
+            _log.info("request cancelled in the fleet", plan_epoch=dep.plan_epoch, dropped=dropped)
+
+        self._spawn(cancel())
+
     async def recover(self, failed: Deployment, timeout_s: float) -> None:
         """After a failure on ``failed``: find the agents that stopped answering, mark them
-        dead, and re-plan the model over the rest. Concurrent failures recover once."""
+        dead, drop every live plan that used them and re-weight the rest at once; re-plan in
+        the background (or now, when no plan is left). Concurrent failures recover once."""
         lock = self._recovering.setdefault(failed.model, asyncio.Lock())
         async with lock:
-            if self.deployments.get(failed.model) is not failed:
-                return  # another request already moved the model to a new plan
-            devices = {d.id for s in failed.plan.stages for d in s.devices}
+            live = self.live.get(failed.model)
+            if live is None or failed.plan_epoch not in live.plans:
+                return  # an old epoch, or another request already dropped the plan
+            devices = sorted(set(failed.plan.device_ids))
             answers = await asyncio.gather(*(self._answers(d) for d in devices))
             dead = [d for d, ok in zip(devices, answers, strict=True) if not ok]
             for node_id in dead:
                 self.registry.mark_dead(node_id, time.monotonic())
             if not dead:
                 return  # a transient break: the link reopens on the next send
+            trigger = time.monotonic()
+            self._drop_dead(live, f"agents {dead} died")
+            if live.plans:
+                self._replan_soon(failed.model, trigger, f"agents {dead} died")
+                return
+            # No plan left: requests wait (on this lock) for the new plans.
             _log.warning("re-planning without dead agents", model=failed.model, dead=dead)
-            await self.deploy(
-                failed.model,
-                seed=failed.seed,
-                qoe=failed.qoe,
-                workload=failed.workload,
-                planner=failed.planner,
-                timeout_s=max(timeout_s, 1.0),
+            await self.replan(failed.model, trigger, f"agents {dead} died", timeout_s=timeout_s)
+
+    async def _await_recovery(self, model: str, timeout_s: float) -> None:
+        """Wait for the re-planning of a model that lost every plan (bounded by the caller's
+        deadline)."""
+        lock = self._recovering.setdefault(model, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), max(timeout_s, 0.0))
+        except TimeoutError as err:
+            raise DeadlineExceeded("no plan of the model came back in time") from err
+        lock.release()
+
+    def _drop_dead(self, live: LiveSet, reason: str) -> None:
+        """Remove the plans that use a device no longer alive; re-weight the others at once."""
+        alive = self._alive()
+        gone = [
+            k for k, dep in live.plans.items() if any(d not in alive for d in dep.plan.device_ids)
+        ]
+        if not gone:
+            return
+        for key in gone:
+            dep = live.remove(key)
+            if dep is not None:
+                self._spawn(self._retire(dep))
+        if live.plans:
+            live.reweight(alive, reason, force=True)
+            self.deployments[live.model] = live.primary
+        _log.warning("plans dropped", model=live.model, epochs=gone, shares=live.shares)
+
+    def _replan_soon(self, model: str, trigger: float, reason: str) -> None:
+        if model in self._replanning:
+            return
+        self._replanning.add(model)
+
+        async def run() -> None:
+            try:
+                await self.replan(model, trigger, reason)
+            except DoraMeshError as err:
+                _log.warning("background re-planning failed", model=model, error=err.message)
+            finally:
+                self._replanning.discard(model)
+
+        self._spawn(run())
+
+    async def replan(
+        self,
+        model: str,
+        trigger: float,
+        reason: str,
+        *,
+        timeout_s: float = DEFAULT_RPC_TIMEOUT_S * 4,
+    ) -> LiveSet | None:
+        """Ask the planner for a new plan set over the live fleet (each device's profile at
+        its measured speed), load it as new plan epochs beside the running ones, then switch
+        to it and retire the old plans once their requests have drained: the job never stops.
+        Records the time from ``trigger`` until the new plans were live."""
+        async with self._lock:
+            old = self.live.get(model)
+            if old is None:
+                return None
+            slowdown = old.slowdown()
+            devices = [
+                replace(p, gflops=p.gflops / slowdown.get(p.node_id, 1.0))
+                for p in self.registry.alive()
+            ]
+            live = await self._load_set(
+                model,
+                old.seed,
+                old.qoe,
+                old.workload,
+                old.planner,
+                None,
+                old.max_plans,
+                max(timeout_s, 1.0),
+                devices=devices,
             )
+            live.speed = old.speed
+            live.reweights.extendleft(reversed(old.reweights))
+            live.replans = old.replans + 1
+            live.replan_live_s = old.replan_live_s
+            live.replan_live_s.append(time.monotonic() - trigger)
+            live.reweights.append(
+                Reweight(time.monotonic(), f"{reason}: new plans live", dict(live.shares), 0, 0)
+            )
+            self._install(live)
+            _log.info(
+                "new plans live",
+                model=model,
+                epochs=list(live.plans),
+                shares=live.shares,
+                seconds=round(live.replan_live_s[-1], 3),
+            )
+        await self._retire_set(old)
+        return live
+
+    async def _retire_set(self, live: LiveSet) -> None:
+        for key in list(live.plans):
+            dep = live.remove(key)
+            if dep is not None:
+                await self._retire(dep, drain=live.stats.get(key))
+
+    # -- the adapter loop -----------------------------------------------------------------------
+
+    def _start_adapter(self) -> None:
+        if self._adapter_task is None or self._adapter_task.done():
+            self._adapter_task = asyncio.ensure_future(self._adapt_forever())
+
+    async def _adapt_forever(self) -> None:
+        # The LP solver's import takes seconds: pay it now, not at the first event.
+        await asyncio.to_thread(importlib.import_module, "cvxpy")
+        while True:
+            try:
+                await self.adapt_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive one bad poll
+                _log.exception("adapter poll failed")
+            await asyncio.sleep(ADAPT_POLL_S)
+
+    async def adapt_once(self) -> None:
+        """One adapter round: poll each live plan's agents for their measured speed, feed the
+        hysteresis, drop plans whose agents died, re-weight where something changed."""
+        lives = [live for live in self.live.values() if live.plans]
+        devices = sorted(
+            {d for live in lives for dep in live.plans.values() for d in dep.plan.device_ids}
+        )
+        polls = await asyncio.gather(*(self._poll(d) for d in devices))
+        changed: set[NodeId] = set()
+        for node_id, factor in zip(devices, polls, strict=True):
+            if factor is None:
+                continue
+            for live in lives:
+                if any(node_id in dep.plan.device_ids for dep in live.plans.values()):
+                    tracker = live.speed.setdefault(node_id, adapter.Hysteresis(1.0))
+                    if tracker.observe(factor):
+                        changed.add(node_id)
+                        _log.info(
+                            "device speed changed", node_id=node_id, slowdown=round(factor, 2)
+                        )
+        alive = self._alive()
+        for live in lives:
+            dead = {d for dep in live.plans.values() for d in dep.plan.device_ids} - alive
+            if dead:
+                trigger = time.monotonic()
+                self._drop_dead(live, f"agents {sorted(dead)} died")
+                self._replan_soon(live.model, trigger, f"agents {sorted(dead)} died")
+                continue
+            latencies = tuple(
+                (k, s.latency.accepted if s.latency is not None else None)
+                for k, s in live.stats.items()
+            )
+            touched = any(d in changed for dep in live.plans.values() for d in dep.plan.device_ids)
+            if touched or (live.qoe.latency_ms and latencies != getattr(live, "_seen", None)):
+                before = dict(live.shares)
+                live.reweight(alive, "measurements changed")
+                if live.shares != before:
+                    _log.info("re-weighted", model=live.model, shares=live.shares)
+
+    async def _poll(self, node_id: NodeId) -> float | None:
+        """The device's new speed factor since the last poll (None: nothing new). An agent
+        that refuses connections is dead at once; a slow answer is not."""
+        record = self.registry.agents.get(node_id)
+        if record is None or record.state == "dead":
+            return None
+        try:
+            stats = await self.agent_stub(record.profile.address).GetStats(
+                agent_pb2.GetStatsRequest(), timeout=STATS_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                self.registry.mark_dead(node_id, time.monotonic())
+            return None
+        last = self._computations.get(node_id, 0)
+        self._computations[node_id] = stats.computations
+        if stats.computations <= last or stats.seconds_per_gflop <= 0:
+            return None
+        return float(stats.seconds_per_gflop * record.profile.gflops)
+
+    # -- live pacing --------------------------------------------------------------------------
+
+    async def set_flow_rate(
+        self,
+        model: str,
+        src: NodeId,
+        dst: NodeId,
+        rate_mbps: float,
+        burst_kb: float,
+        *,
+        timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+    ) -> int:
+        """Re-pace every flow from ``src`` to ``dst`` in the model's live plans, live (the
+        sender's token bucket takes the new rate and burst at its next chunk); returns the
+        number of flows changed."""
+        live = self.live_set(model)
+        changed = 0
+        for dep in live.plans.values():
+            for i in range(len(dep.replicas) - 1):
+                for a in dep.replicas[i]:
+                    if a.device != src:
+                        continue
+                    for b in dep.replicas[i + 1]:
+                        if b.device != dst:
+                            continue
+                        try:
+                            await self.agent_stub(a.address).SetFlowRate(
+                                agent_pb2.SetFlowRateRequest(
+                                    stage_id=a.stage_id,
+                                    next_stage_id=b.stage_id,
+                                    rate_mbps=rate_mbps,
+                                    burst_kb=burst_kb,
+                                ),
+                                timeout=timeout_s,
+                            )
+                        except grpc.aio.AioRpcError as err:
+                            raise error_for(
+                                err.code(), f"setting flow {src}->{dst}: {err.details()}"
+                            ) from err
+                        changed += 1
+        if not changed:
+            raise NotFound(f"no flow from {src!r} to {dst!r} in the live plans of {model!r}")
+        return changed
 
     async def _answers(self, node_id: NodeId) -> bool:
         try:
@@ -499,6 +917,14 @@ class Deployer:
         return True
 
     async def close(self) -> None:
+        if self._adapter_task is not None:
+            self._adapter_task.cancel()
+        for task in list(self._background):
+            task.cancel()
+        for live in self.live.values():
+            for dep in live.plans.values():
+                for replica in dep.entry:
+                    await replica.link.close()
         for dep in list(self.deployments.values()):
             for replica in dep.entry:
                 await replica.link.close()

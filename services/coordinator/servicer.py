@@ -14,6 +14,7 @@ import grpc.aio
 from doramesh import convert
 from doramesh.channels import MAX_MESSAGE_BYTES
 from doramesh.coordinator.deploy import Deployer, Deployment
+from doramesh.coordinator.mix import LiveSet
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.training import (
     DEFAULT_TRAIN_TIMEOUT_S,
@@ -32,14 +33,21 @@ from doramesh.v1 import coordinator_pb2, coordinator_pb2_grpc
 MAX_STREAM_INFLIGHT = 64
 
 
-def deployment_to_pb(dep: Deployment) -> coordinator_pb2.Deployment:
+def deployment_to_pb(dep: Deployment, share: float = 0.0) -> coordinator_pb2.Deployment:
     return coordinator_pb2.Deployment(
         model=dep.model,
         plan_epoch=dep.plan_epoch,
         plan=convert.plan_to_pb(dep.plan),
         status=dep.status,
         error=dep.error,
+        share=share,
     )
+
+
+def live_to_pb(live: LiveSet | None) -> list[coordinator_pb2.Deployment]:
+    if live is None:
+        return []
+    return [deployment_to_pb(d, live.shares.get(k, 0.0)) for k, d in live.plans.items()]
 
 
 def train_job_from_pb(request: coordinator_pb2.TrainRequest) -> TrainJob:
@@ -136,9 +144,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             workload=workload,
             planner=request.planner or "doramesh",
             plan=convert.plan_from_pb(request.plan) if request.HasField("plan") else None,
+            plans=[convert.plan_from_pb(p) for p in request.plans] or None,
+            max_plans=request.max_plans,
             timeout_s=_deadline(context, 600.0),
         )
-        return coordinator_pb2.DeployResponse(deployment=deployment_to_pb(dep))
+        return coordinator_pb2.DeployResponse(
+            deployment=deployment_to_pb(dep),
+            live=live_to_pb(self.deployer.live.get(request.model)),
+        )
 
     async def _infer(
         self, request: coordinator_pb2.InferRequest, timeout_s: float
@@ -206,12 +219,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             from doramesh.errors import NotFound
 
             raise NotFound(f"no deployment of {request.model!r}")
+        live = self.deployer.live.get(request.model)
+        plans = list(live.plans.values()) if live is not None else [dep]
         return coordinator_pb2.JobStatusResponse(
             deployment=deployment_to_pb(dep),
-            requests_served=dep.served,
-            requests_failed=dep.failed,
+            requests_served=sum(d.served for d in plans),
+            requests_failed=sum(d.failed for d in plans),
             latency_ms_p50=dep.percentile(0.5),
             latency_ms_p95=dep.percentile(0.95),
+            live=live_to_pb(live),
+            reweights=len(live.reweights) if live is not None else 0,
+            requests_replayed=sum(d.replayed for d in plans),
+            replan_live_s=live.replan_live_s if live is not None else [],
         )
 
     @stream_errors

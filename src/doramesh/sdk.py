@@ -14,7 +14,7 @@ Every call takes a deadline (``timeout``; the client's default otherwise) and ra
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
@@ -92,6 +92,8 @@ class InferResult:
     output: torch.Tensor
     request_id: str
     plan_epoch: int
+    #: Share of the model's requests this plan serves, as the runtime adapter last set it.
+    share: float = 0.0
     latency_ms: float
     compute_ms: float
 
@@ -110,6 +112,13 @@ class TrainProgress:
     """One completed step of a training job."""
 
     job_id: str
+    #: Every live plan of the model (several run side by side), with its share.
+    live: tuple[DeploymentView, ...] = ()
+    #: Times the runtime adapter moved the shares.
+    reweights: int = 0
+    requests_replayed: int = 0
+    #: Per background re-planning, seconds until its plans were live.
+    replan_live_s: tuple[float, ...] = ()
     step: int
     last_step: int
     loss: float
@@ -187,7 +196,21 @@ def _train_progress(pb: coordinator_pb2.TrainProgress) -> TrainProgress:
 
 def _deployment(pb: coordinator_pb2.Deployment) -> DeploymentView:
     return DeploymentView(
-        pb.model, pb.plan_epoch, convert.plan_from_pb(pb.plan), pb.status, pb.error
+        pb.model, pb.plan_epoch, convert.plan_from_pb(pb.plan), pb.status, pb.error, pb.share
+    )
+
+
+def _job_status(resp: coordinator_pb2.JobStatusResponse) -> JobStatus:
+    return JobStatus(
+        _deployment(resp.deployment),
+        resp.requests_served,
+        resp.requests_failed,
+        resp.latency_ms_p50,
+        resp.latency_ms_p95,
+        tuple(_deployment(d) for d in resp.live),
+        resp.reweights,
+        resp.requests_replayed,
+        tuple(resp.replan_live_s),
     )
 
 
@@ -220,12 +243,20 @@ def _deploy_request(
     planner: str,
     plan: Plan | None = None,
 ) -> coordinator_pb2.DeployRequest:
-    req = coordinator_pb2.DeployRequest(model=model, seed=seed, planner=planner)
+    req = coordinator_pb2.DeployRequest(
+        model=model,
+        seed=seed,
+        planner=planner,
+        max_plans=max_plans,
+        plans=[convert.plan_to_pb(p) for p in plans],
+    )
     if plan is not None:
         req.plan.CopyFrom(convert.plan_to_pb(plan))
     if qoe is not None:
         req.qoe.CopyFrom(convert.qoe_to_pb(qoe))
     if workload is not None:
+    max_plans: int = 0,
+    plans: Sequence[Plan] = (),
         req.workload.CopyFrom(convert.workload_to_pb(workload))
     return req
 
@@ -275,10 +306,14 @@ class Client:
         plan: Plan | None = None,
         timeout: float | None = None,
     ) -> DeploymentView:
-        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given)."""
+        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given); with
+        ``max_plans`` > 1, up to that many of the planner's plans run side by side, the runtime
+        adapter sharing requests among them (``plans``: these, as given). Returns the first plan
+        (``job_status`` lists all)."""
         try:
             resp = self._stub.Deploy(
-                _deploy_request(model, seed, qoe, workload, planner, plan), timeout=self._t(timeout)
+                _deploy_request(model, seed, qoe, workload, planner, plan, max_plans, plans),
+                timeout=self._t(timeout),
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -288,6 +323,8 @@ class Client:
         self, model: str, x: torch.Tensor, *, request_id: str = "", timeout: float | None = None
     ) -> InferResult:
         try:
+        max_plans: int = 0,
+        plans: Sequence[Plan] = (),
             resp = self._stub.Infer(_infer_request(model, x, request_id), timeout=self._t(timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -375,13 +412,7 @@ class Client:
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return JobStatus(
-            _deployment(resp.deployment),
-            resp.requests_served,
-            resp.requests_failed,
-            resp.latency_ms_p50,
-            resp.latency_ms_p95,
-        )
+        return _job_status(resp)
 
 
 class AsyncClient:
@@ -429,10 +460,14 @@ class AsyncClient:
         plan: Plan | None = None,
         timeout: float | None = None,
     ) -> DeploymentView:
-        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given)."""
+        """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given); with
+        ``max_plans`` > 1, up to that many of the planner's plans run side by side, the runtime
+        adapter sharing requests among them (``plans``: these, as given). Returns the first plan
+        (``job_status`` lists all)."""
         try:
             resp = await self._stub.Deploy(
-                _deploy_request(model, seed, qoe, workload, planner, plan), timeout=self._t(timeout)
+                _deploy_request(model, seed, qoe, workload, planner, plan, max_plans, plans),
+                timeout=self._t(timeout),
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -448,6 +483,8 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return _infer_result(resp)
+        max_plans: int = 0,
+        plans: Sequence[Plan] = (),
 
     async def infer(
         self, model: str, x: torch.Tensor, *, timeout: float | None = None
@@ -485,6 +522,9 @@ class AsyncClient:
         checkpoint_every: int = 0,
         resume_from: str = "",
         job_id: str = "",
+        finally:
+            # A consumer that stops early cancels the rest: the fleet drops their work.
+            call.cancel()
         dataset_batches: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[TrainProgress]:
@@ -533,10 +573,4 @@ class AsyncClient:
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return JobStatus(
-            _deployment(resp.deployment),
-            resp.requests_served,
-            resp.requests_failed,
-            resp.latency_ms_p50,
-            resp.latency_ms_p95,
-        )
+        return _job_status(resp)

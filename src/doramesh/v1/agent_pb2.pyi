@@ -228,3 +228,79 @@ class ActivationChunk(_message.Message):
     offset: int
     data: bytes
     def __init__(self, microbatch_id: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageStats(_message.Message):
+    __slots__ = ("stage_id", "plan_epoch", "served", "compute_s")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    plan_epoch: int
+    served: int
+    compute_s: float
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., served: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class AgentStats(_message.Message):
+    __slots__ = ("node_id", "computations", "seconds_per_gflop", "slowdown", "cancelled_microbatches", "stages")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_GFLOP_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    computations: int
+    seconds_per_gflop: float
+    slowdown: float
+    cancelled_microbatches: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageStats]
+    def __init__(self, node_id: _Optional[str] = ..., computations: _Optional[int] = ..., seconds_per_gflop: _Optional[float] = ..., slowdown: _Optional[float] = ..., cancelled_microbatches: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ...) -> None: ...
+
+class SetFlowRateRequest(_message.Message):
+    __slots__ = ("stage_id", "next_stage_id", "rate_mbps", "burst_kb")
+    STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    RATE_MBPS_FIELD_NUMBER: _ClassVar[int]
+    BURST_KB_FIELD_NUMBER: _ClassVar[int]
+    stage_id: str
+    next_stage_id: str
+    rate_mbps: float
+    burst_kb: float
+    def __init__(self, stage_id: _Optional[str] = ..., next_stage_id: _Optional[str] = ..., rate_mbps: _Optional[float] = ..., burst_kb: _Optional[float] = ...) -> None: ...
+
+class SetFlowRateResponse(_message.Message):
+    __slots__ = ("rate_mbps", "burst_kb")
+    RATE_MBPS_FIELD_NUMBER: _ClassVar[int]
+    BURST_KB_FIELD_NUMBER: _ClassVar[int]
+    rate_mbps: float
+    burst_kb: float
+    def __init__(self, rate_mbps: _Optional[float] = ..., burst_kb: _Optional[float] = ...) -> None: ...
+
+class CancelRequestRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class CancelRequestResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...
+
+class SetSlowdownRequest(_message.Message):
+    __slots__ = ("slowdown",)
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    slowdown: float
+    def __init__(self, slowdown: _Optional[float] = ...) -> None: ...
+
+class SetSlowdownResponse(_message.Message):
+    __slots__ = ("slowdown",)
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    slowdown: float
+    def __init__(self, slowdown: _Optional[float] = ...) -> None: ...

@@ -72,6 +72,26 @@ class AgentStub:
                 request_serializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/doramesh.v1.Agent/GetStats',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.AgentStats.FromString,
+                _registered_method=True)
+        self.SetFlowRate = channel.unary_unary(
+                '/doramesh.v1.Agent/SetFlowRate',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.SetFlowRateRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.SetFlowRateResponse.FromString,
+                _registered_method=True)
+        self.CancelRequest = channel.unary_unary(
+                '/doramesh.v1.Agent/CancelRequest',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.CancelRequestRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.CancelRequestResponse.FromString,
+                _registered_method=True)
+        self.SetSlowdown = channel.unary_unary(
+                '/doramesh.v1.Agent/SetSlowdown',
+                request_serializer=doramesh_dot_v1_dot_agent__pb2.SetSlowdownRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_agent__pb2.SetSlowdownResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -137,6 +157,37 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """What the runtime adapter measures on this device: its achieved compute speed (an EWMA over
+        the stage computations it ran) and per stage, the microbatches served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFlowRate(self, request, context):
+        """Changes the token bucket of one outgoing flow (a stage to one replica of its next stage)
+        live: the next chunk sent on that flow is paced by the new rate and burst.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRequest(self, request, context):
+        """The client gave up on a request: drop its microbatches (queued or computing) and any that
+        arrive later with the same request id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSlowdown(self, request, context):
+        """Fault hook of an emulating agent: stretch every computation by `slowdown` (1 = as profiled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +225,26 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SaveCheckpoint,
                     request_deserializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.FromString,
                     response_serializer=doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.GetStatsRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.AgentStats.SerializeToString,
+            ),
+            'SetFlowRate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFlowRate,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.SetFlowRateRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.SetFlowRateResponse.SerializeToString,
+            ),
+            'CancelRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRequest,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.CancelRequestRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.CancelRequestResponse.SerializeToString,
+            ),
+            'SetSlowdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSlowdown,
+                    request_deserializer=doramesh_dot_v1_dot_agent__pb2.SetSlowdownRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_agent__pb2.SetSlowdownResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -367,6 +438,114 @@ class Agent:
             '/doramesh.v1.Agent/SaveCheckpoint',
             doramesh_dot_v1_dot_agent__pb2.SaveCheckpointRequest.SerializeToString,
             doramesh_dot_v1_dot_agent__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/GetStats',
+            doramesh_dot_v1_dot_agent__pb2.GetStatsRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.AgentStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFlowRate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/SetFlowRate',
+            doramesh_dot_v1_dot_agent__pb2.SetFlowRateRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.SetFlowRateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/CancelRequest',
+            doramesh_dot_v1_dot_agent__pb2.CancelRequestRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.CancelRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSlowdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Agent/SetSlowdown',
+            doramesh_dot_v1_dot_agent__pb2.SetSlowdownRequest.SerializeToString,
+            doramesh_dot_v1_dot_agent__pb2.SetSlowdownResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from doramesh.v1 import agent_pb2 as doramesh_dot_v1_dot_agent__pb2
 from doramesh.v1 import common_pb2 as doramesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64oramesh/v1/coordinator.proto\x12\x0b\x64oramesh.v1\x1a\x17\x64oramesh/v1/agent.proto\x1a\x18\x64oramesh/v1/common.proto\"\x0e\n\x0c\x46leetRequest\"s\n\tAgentInfo\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.doramesh.v1.DeviceProfile\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x15\n\rdiscovered_by\x18\x04 \x01(\t\"a\n\tFleetView\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.doramesh.v1.AgentInfo\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.doramesh.v1.Deployment\"\xc0\x01\n\rDeployRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12!\n\x03qoe\x18\x03 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\'\n\x08workload\x18\x04 \x01(\x0b\x32\x15.doramesh.v1.Workload\x12\x0f\n\x07planner\x18\x05 \x01(\t\x12\x14\n\x0csample_shape\x18\x06 \x03(\r\x12\x1f\n\x04plan\x18\x07 \x01(\x0b\x32\x11.doramesh.v1.Plan\"o\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"=\n\x0e\x44\x65ployResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\"U\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x84\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nplan_epoch\x18\x03 \x01(\x04\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"!\n\x10JobStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa2\x01\n\x11JobStatusResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\x12\x17\n\x0frequests_served\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x16\n\x0elatency_ms_p50\x18\x04 \x01(\x01\x12\x16\n\x0elatency_ms_p95\x18\x05 \x01(\x01\"]\n\x11\x46\x65tchStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\r\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"P\n\x0bWeightChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xe4\x02\n\x0cTrainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0f\n\x07planner\x18\x04 \x01(\t\x12!\n\x03qoe\x18\x05 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\r\n\x05steps\x18\x06 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\r\x12\x14\n\x0cmicrobatches\x18\x08 \x01(\r\x12-\n\toptimizer\x18\t \x01(\x0b\x32\x1a.doramesh.v1.OptimizerSpec\x12\x11\n\tdata_seed\x18\n \x01(\x04\x12\x14\n\x0csample_shape\x18\x0b \x03(\r\x12\x18\n\x10\x63heckpoint_every\x18\x0c \x01(\r\x12\x13\n\x0bresume_from\x18\r \x01(\t\x12\x0e\n\x06job_id\x18\x0e \x01(\t\x12\x17\n\x0f\x64\x61taset_batches\x18\x0f \x01(\r\"\xd5\x01\n\rTrainProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tlast_step\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x0f\n\x07step_ms\x18\x05 \x01(\x01\x12\x12\n\nplan_epoch\x18\x06 \x01(\x04\x12\x1f\n\x04plan\x18\x07 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x12\n\ncheckpoint\x18\x08 \x01(\t\x12\x15\n\rsamples_per_s\x18\t \x01(\x01\x12\x14\n\x0cresumed_from\x18\n \x01(\x04\x32\xa4\x03\n\x0b\x43oordinator\x12:\n\x05\x46leet\x12\x19.doramesh.v1.FleetRequest\x1a\x16.doramesh.v1.FleetView\x12\x41\n\x06\x44\x65ploy\x12\x1a.doramesh.v1.DeployRequest\x1a\x1b.doramesh.v1.DeployResponse\x12>\n\x05Infer\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse(\x01\x30\x01\x12J\n\tJobStatus\x12\x1d.doramesh.v1.JobStatusRequest\x1a\x1e.doramesh.v1.JobStatusResponse\x12@\n\x05Train\x12\x19.doramesh.v1.TrainRequest\x1a\x1a.doramesh.v1.TrainProgress0\x01\x32W\n\x0bWeightStore\x12H\n\nFetchStage\x12\x1e.doramesh.v1.FetchStageRequest\x1a\x18.doramesh.v1.WeightChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64oramesh/v1/coordinator.proto\x12\x0b\x64oramesh.v1\x1a\x17\x64oramesh/v1/agent.proto\x1a\x18\x64oramesh/v1/common.proto\"\x0e\n\x0c\x46leetRequest\"s\n\tAgentInfo\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.doramesh.v1.DeviceProfile\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0blast_seen_s\x18\x03 \x01(\x01\x12\x15\n\rdiscovered_by\x18\x04 \x01(\t\"a\n\tFleetView\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.doramesh.v1.AgentInfo\x12,\n\x0b\x64\x65ployments\x18\x02 \x03(\x0b\x32\x17.doramesh.v1.Deployment\"\xf5\x01\n\rDeployRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12!\n\x03qoe\x18\x03 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\'\n\x08workload\x18\x04 \x01(\x0b\x32\x15.doramesh.v1.Workload\x12\x0f\n\x07planner\x18\x05 \x01(\t\x12\x14\n\x0csample_shape\x18\x06 \x03(\r\x12\x1f\n\x04plan\x18\x07 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x11\n\tmax_plans\x18\x08 \x01(\r\x12 \n\x05plans\x18\t \x03(\x0b\x32\x11.doramesh.v1.Plan\"~\n\nDeployment\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nplan_epoch\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05share\x18\x06 \x01(\x01\"d\n\x0e\x44\x65ployResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\x12%\n\x04live\x18\x02 \x03(\x0b\x32\x17.doramesh.v1.Deployment\"U\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x05input\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x84\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06output\x18\x02 \x01(\x0b\x32\x13.doramesh.v1.Tensor\x12\x12\n\nplan_epoch\x18\x03 \x01(\x04\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\"!\n\x10JobStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8e\x02\n\x11JobStatusResponse\x12+\n\ndeployment\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.Deployment\x12\x17\n\x0frequests_served\x18\x02 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x03 \x01(\x04\x12\x16\n\x0elatency_ms_p50\x18\x04 \x01(\x01\x12\x16\n\x0elatency_ms_p95\x18\x05 \x01(\x01\x12%\n\x04live\x18\x06 \x03(\x0b\x32\x17.doramesh.v1.Deployment\x12\x11\n\treweights\x18\x07 \x01(\x04\x12\x19\n\x11requests_replayed\x18\x08 \x01(\x04\x12\x15\n\rreplan_live_s\x18\t \x03(\x01\"]\n\x11\x46\x65tchStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\x0c\n\x04last\x18\x04 \x01(\r\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\"P\n\x0bWeightChunk\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xe4\x02\n\x0cTrainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x1f\n\x04plan\x18\x03 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x0f\n\x07planner\x18\x04 \x01(\t\x12!\n\x03qoe\x18\x05 \x01(\x0b\x32\x14.doramesh.v1.QoESpec\x12\r\n\x05steps\x18\x06 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\r\x12\x14\n\x0cmicrobatches\x18\x08 \x01(\r\x12-\n\toptimizer\x18\t \x01(\x0b\x32\x1a.doramesh.v1.OptimizerSpec\x12\x11\n\tdata_seed\x18\n \x01(\x04\x12\x14\n\x0csample_shape\x18\x0b \x03(\r\x12\x18\n\x10\x63heckpoint_every\x18\x0c \x01(\r\x12\x13\n\x0bresume_from\x18\r \x01(\t\x12\x0e\n\x06job_id\x18\x0e \x01(\t\x12\x17\n\x0f\x64\x61taset_batches\x18\x0f \x01(\r\"\xd5\x01\n\rTrainProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x11\n\tlast_step\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x0f\n\x07step_ms\x18\x05 \x01(\x01\x12\x12\n\nplan_epoch\x18\x06 \x01(\x04\x12\x1f\n\x04plan\x18\x07 \x01(\x0b\x32\x11.doramesh.v1.Plan\x12\x12\n\ncheckpoint\x18\x08 \x01(\t\x12\x15\n\rsamples_per_s\x18\t \x01(\x01\x12\x14\n\x0cresumed_from\x18\n \x01(\x04\x32\xa4\x03\n\x0b\x43oordinator\x12:\n\x05\x46leet\x12\x19.doramesh.v1.FleetRequest\x1a\x16.doramesh.v1.FleetView\x12\x41\n\x06\x44\x65ploy\x12\x1a.doramesh.v1.DeployRequest\x1a\x1b.doramesh.v1.DeployResponse\x12>\n\x05Infer\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse\x12H\n\x0bInferStream\x12\x19.doramesh.v1.InferRequest\x1a\x1a.doramesh.v1.InferResponse(\x01\x30\x01\x12J\n\tJobStatus\x12\x1d.doramesh.v1.JobStatusRequest\x1a\x1e.doramesh.v1.JobStatusResponse\x12@\n\x05Train\x12\x19.doramesh.v1.TrainRequest\x1a\x1a.doramesh.v1.TrainProgress0\x01\x32W\n\x0bWeightStore\x12H\n\nFetchStage\x12\x1e.doramesh.v1.FetchStageRequest\x1a\x18.doramesh.v1.WeightChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLEETVIEW']._serialized_start=230
   _globals['_FLEETVIEW']._serialized_end=327
   _globals['_DEPLOYREQUEST']._serialized_start=330
-  _globals['_DEPLOYREQUEST']._serialized_end=522
-  _globals['_DEPLOYMENT']._serialized_start=524
-  _globals['_DEPLOYMENT']._serialized_end=635
-  _globals['_DEPLOYRESPONSE']._serialized_start=637
-  _globals['_DEPLOYRESPONSE']._serialized_end=698
-  _globals['_INFERREQUEST']._serialized_start=700
-  _globals['_INFERREQUEST']._serialized_end=785
-  _globals['_INFERRESPONSE']._serialized_start=788
-  _globals['_INFERRESPONSE']._serialized_end=920
-  _globals['_JOBSTATUSREQUEST']._serialized_start=922
-  _globals['_JOBSTATUSREQUEST']._serialized_end=955
-  _globals['_JOBSTATUSRESPONSE']._serialized_start=958
-  _globals['_JOBSTATUSRESPONSE']._serialized_end=1120
-  _globals['_FETCHSTAGEREQUEST']._serialized_start=1122
-  _globals['_FETCHSTAGEREQUEST']._serialized_end=1215
-  _globals['_WEIGHTCHUNK']._serialized_start=1217
-  _globals['_WEIGHTCHUNK']._serialized_end=1297
-  _globals['_TRAINREQUEST']._serialized_start=1300
-  _globals['_TRAINREQUEST']._serialized_end=1656
-  _globals['_TRAINPROGRESS']._serialized_start=1659
-  _globals['_TRAINPROGRESS']._serialized_end=1872
-  _globals['_COORDINATOR']._serialized_start=1875
-  _globals['_COORDINATOR']._serialized_end=2295
-  _globals['_WEIGHTSTORE']._serialized_start=2297
-  _globals['_WEIGHTSTORE']._serialized_end=2384
+  _globals['_DEPLOYREQUEST']._serialized_end=575
+  _globals['_DEPLOYMENT']._serialized_start=577
+  _globals['_DEPLOYMENT']._serialized_end=703
+  _globals['_DEPLOYRESPONSE']._serialized_start=705
+  _globals['_DEPLOYRESPONSE']._serialized_end=805
+  _globals['_INFERREQUEST']._serialized_start=807
+  _globals['_INFERREQUEST']._serialized_end=892
+  _globals['_INFERRESPONSE']._serialized_start=895
+  _globals['_INFERRESPONSE']._serialized_end=1027
+  _globals['_JOBSTATUSREQUEST']._serialized_start=1029
+  _globals['_JOBSTATUSREQUEST']._serialized_end=1062
+  _globals['_JOBSTATUSRESPONSE']._serialized_start=1065
+  _globals['_JOBSTATUSRESPONSE']._serialized_end=1335
+  _globals['_FETCHSTAGEREQUEST']._serialized_start=1337
+  _globals['_FETCHSTAGEREQUEST']._serialized_end=1430
+  _globals['_WEIGHTCHUNK']._serialized_start=1432
+  _globals['_WEIGHTCHUNK']._serialized_end=1512
+  _globals['_TRAINREQUEST']._serialized_start=1515
+  _globals['_TRAINREQUEST']._serialized_end=1871
+  _globals['_TRAINPROGRESS']._serialized_start=1874
+  _globals['_TRAINPROGRESS']._serialized_end=2087
+  _globals['_COORDINATOR']._serialized_start=2090
+  _globals['_COORDINATOR']._serialized_end=2510
+  _globals['_WEIGHTSTORE']._serialized_start=2512
+  _globals['_WEIGHTSTORE']._serialized_end=2599
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ class FleetView(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., deployments: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("model", "seed", "qoe", "workload", "planner", "sample_shape", "plan")
+    __slots__ = ("model", "seed", "qoe", "workload", "planner", "sample_shape", "plan", "max_plans", "plans")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     QOE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class DeployRequest(_message.Message):
     PLANNER_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_PLANS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
     model: str
     seed: int
     qoe: _common_pb2.QoESpec
@@ -48,27 +50,33 @@ class DeployRequest(_message.Message):
     planner: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
     plan: _common_pb2.Plan
-    def __init__(self, model: _Optional[str] = ..., seed: _Optional[int] = ..., qoe: _Optional[_Union[_common_pb2.QoESpec, _Mapping]] = ..., workload: _Optional[_Union[_common_pb2.Workload, _Mapping]] = ..., planner: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+    max_plans: int
+    plans: _containers.RepeatedCompositeFieldContainer[_common_pb2.Plan]
+    def __init__(self, model: _Optional[str] = ..., seed: _Optional[int] = ..., qoe: _Optional[_Union[_common_pb2.QoESpec, _Mapping]] = ..., workload: _Optional[_Union[_common_pb2.Workload, _Mapping]] = ..., planner: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., max_plans: _Optional[int] = ..., plans: _Optional[_Iterable[_Union[_common_pb2.Plan, _Mapping]]] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("model", "plan_epoch", "plan", "status", "error")
+    __slots__ = ("model", "plan_epoch", "plan", "status", "error", "share")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     model: str
     plan_epoch: int
     plan: _common_pb2.Plan
     status: str
     error: str
-    def __init__(self, model: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., status: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    share: float
+    def __init__(self, model: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., status: _Optional[str] = ..., error: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
-    __slots__ = ("deployment",)
+    __slots__ = ("deployment", "live")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     deployment: Deployment
-    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ...) -> None: ...
+    live: _containers.RepeatedCompositeFieldContainer[Deployment]
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., live: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "input", "request_id")
@@ -101,18 +109,26 @@ class JobStatusRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class JobStatusResponse(_message.Message):
-    __slots__ = ("deployment", "requests_served", "requests_failed", "latency_ms_p50", "latency_ms_p95")
+    __slots__ = ("deployment", "requests_served", "requests_failed", "latency_ms_p50", "latency_ms_p95", "live", "reweights", "requests_replayed", "replan_live_s")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_P50_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    REWEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    REPLAN_LIVE_S_FIELD_NUMBER: _ClassVar[int]
     deployment: Deployment
     requests_served: int
     requests_failed: int
     latency_ms_p50: float
     latency_ms_p95: float
-    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., requests_served: _Optional[int] = ..., requests_failed: _Optional[int] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ...) -> None: ...
+    live: _containers.RepeatedCompositeFieldContainer[Deployment]
+    reweights: int
+    requests_replayed: int
+    replan_live_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, deployment: _Optional[_Union[Deployment, _Mapping]] = ..., requests_served: _Optional[int] = ..., requests_failed: _Optional[int] = ..., latency_ms_p50: _Optional[float] = ..., latency_ms_p95: _Optional[float] = ..., live: _Optional[_Iterable[_Union[Deployment, _Mapping]]] = ..., reweights: _Optional[int] = ..., requests_replayed: _Optional[int] = ..., replan_live_s: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FetchStageRequest(_message.Message):
     __slots__ = ("model", "seed", "first", "last", "digest")

@@ -1,0 +1,146 @@
+"""Several plans of one model live at once, and the runtime adapter moving requests among them.
+
+Real parts throughout: in-process agents emulating catalogue devices (paced compute), real gRPC
+servers on loopback, the adapter's LP solved with CVXPY. Traffic is a closed loop of concurrent
+requests, so a slowed plan really serves fewer requests per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import torch
+
+from doramesh import models
+from doramesh.sdk import AsyncClient
+from doramesh.testing import LocalFleet
+from doramesh.testing.fleet import wait_for_async
+from doramesh.types import DeviceShare, NodeId, Plan, PlanId, Prediction, StagePlan
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
+
+MODEL = "resnet18"
+#: Large enough that the emulated device, not this shared host, sets each computation's time.
+SHAPE = (3, 128, 128)
+TOLERANCE = 1e-5
+#: Re-weights allowed over slow-down and recovery: one each way, plus one for the speed
+#: estimate settling (the agent's EWMA converges over a few computations) in each direction.
+MAX_REWEIGHTS = 5
+
+
+def whole_model_plan(node_id: str) -> Plan:
+    last = models.get_spec(MODEL).num_blocks - 1
+    return Plan(
+        plan_id=PlanId(f"replica-{node_id}"),
+        stages=(StagePlan(0, last, (DeviceShare(NodeId(node_id), 1.0),)),),
+        microbatch=1,
+        flows=(),
+        predicted=Prediction(0.0, 0.0, 0.0),
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def fleet() -> AsyncIterator[LocalFleet]:
+    async with LocalFleet(classes=("raspberry-pi-4", "raspberry-pi-4"), mdns=False) as f:
+        yield f
+
+
+class Traffic:
+    """A closed loop of ``workers`` concurrent requests until stopped; checks every answer."""
+
+    def __init__(self, client: AsyncClient, workers: int = 6) -> None:
+        self.client = client
+        self.workers = workers
+        self.x = models.example_input(MODEL, 1, seed=5, sample_shape=SHAPE)
+        self.answers = 0
+        self.outputs: list[torch.Tensor] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _run(self) -> None:
+        while True:
+            result = await self.client.infer_result(MODEL, self.x)
+            self.answers += 1
+            if len(self.outputs) < 8:
+                self.outputs.append(result.output)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run()) for _ in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def set_slowdown(fleet: LocalFleet, index: int, factor: float) -> None:
+    """The emulating agent's pacing, changed live (in process; ``SetSlowdown`` does the same
+    over gRPC for the coordinator's role)."""
+    runtime = fleet.agents[index].runtime
+    assert runtime is not None
+    runtime.pacer.slowdown = factor
+
+
+async def test_adapter_shifts_share_from_slowed_plan_and_back(fleet: LocalFleet) -> None:
+    a, b = (agent.settings.node_id for agent in fleet.agents)
+    async with AsyncClient(fleet.address, timeout=60) as client:
+        await client.deploy(MODEL, seed=4, plans=[whole_model_plan(a), whole_model_plan(b)])
+        status = await client.job_status(MODEL)
+        assert len(status.live) == 2
+        epoch_a = next(d.plan_epoch for d in status.live if d.plan.device_ids == (a,))
+
+        async def share_a() -> float:
+            st = await client.job_status(MODEL)
+            return next(d.share for d in st.live if d.plan_epoch == epoch_a)
+
+        # Equal devices, but each profile was measured on a busy shared host: near, not at, 1/2.
+        assert abs(await share_a() - 0.5) < 0.2
+        traffic = Traffic(client)
+        traffic.start()
+        try:
+            await asyncio.sleep(2.0)  # settle: both plans measured at their own speed
+            start_reweights = (await client.job_status(MODEL)).reweights
+            balanced = await share_a()
+            assert 0.25 < balanced < 0.75, balanced
+
+            set_slowdown(fleet, 0, 3.0)
+            slowed_at = time.monotonic()
+            await wait_for_async(lambda: _below(share_a, balanced * 0.7), timeout=30)
+            shift_s = time.monotonic() - slowed_at
+            low = await share_a()
+            # 3x slower: a third of its rate, e.g. 1/4 of the requests from 1/2.
+            assert low < balanced * 0.7, (balanced, low)
+
+            set_slowdown(fleet, 0, 1.0)
+            await wait_for_async(lambda: _above(share_a, balanced * 0.8), timeout=30)
+            await asyncio.sleep(2.0)  # steady again: no further moves expected
+            final = await share_a()
+            status = await client.job_status(MODEL)
+        finally:
+            await traffic.stop()
+    assert abs(final - balanced) < 0.12, (balanced, final)
+    moves = status.reweights - start_reweights
+    assert 2 <= moves <= MAX_REWEIGHTS, f"{moves} re-weights: the shares flapped"
+    assert shift_s < 15
+    reference = models.build_blocks(MODEL, 4)
+    with torch.inference_mode():
+        want = reference(traffic.x)
+    assert traffic.answers > 20
+    for out in traffic.outputs:
+        assert (out - want).abs().max().item() <= TOLERANCE
+
+
+async def _below(get: object, level: float) -> bool:
+    assert callable(get)
+    return bool(await get() < level)
+
+
+async def _above(get: object, level: float) -> bool:
+    assert callable(get)
+    return bool(await get() > level)
