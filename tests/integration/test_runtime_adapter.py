@@ -17,10 +17,11 @@ import pytest_asyncio
 import torch
 
 from doramesh import models
+from doramesh.errors import DeadlineExceeded, FailedPrecondition
 from doramesh.sdk import AsyncClient
 from doramesh.testing import LocalFleet
 from doramesh.testing.fleet import wait_for_async
-from doramesh.types import DeviceShare, NodeId, Plan, PlanId, Prediction, StagePlan
+from doramesh.types import DeviceShare, Flow, NodeId, Plan, PlanId, Prediction, StagePlan
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -144,3 +145,109 @@ async def _below(get: object, level: float) -> bool:
 async def _above(get: object, level: float) -> bool:
     assert callable(get)
     return bool(await get() > level)
+
+
+def two_stage_plan(a: str, b: str, *, rate_mbps: float = 0.0, burst_kb: float = 0.0) -> Plan:
+    """The stem on ``a``, the rest on ``b``; the stem's output (64x32x32 floats per sample at
+    128x128 input, 256 KiB) crosses the flow a->b, paced as given."""
+    last = models.get_spec(MODEL).num_blocks - 1
+    return Plan(
+        plan_id=PlanId(f"split-{a}-{b}"),
+        stages=(
+            StagePlan(0, 0, (DeviceShare(NodeId(a), 1.0),)),
+            StagePlan(1, last, (DeviceShare(NodeId(b), 1.0),)),
+        ),
+        microbatch=1,
+        flows=(Flow(NodeId(a), NodeId(b), rate_mbps, burst_kb),),
+        predicted=Prediction(0.0, 0.0, 0.0),
+    )
+
+
+async def _timed(client: AsyncClient, x: torch.Tensor, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await client.infer(MODEL, x)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def test_flow_rate_changed_live_takes_effect(fleet: LocalFleet) -> None:
+    a, b = (agent.settings.node_id for agent in fleet.agents)
+    coordinator = fleet.coordinator
+    assert coordinator is not None and coordinator.deployer is not None
+    x = models.example_input(MODEL, 1, seed=1, sample_shape=SHAPE)
+    async with AsyncClient(fleet.address, timeout=60) as client:
+        await client.deploy(MODEL, seed=4, plans=[two_stage_plan(a, b, rate_mbps=2, burst_kb=64)])
+        await client.infer(MODEL, x)  # the first transfer spends the bucket's burst
+        slow = await _timed(client, x, 2)
+        changed = await coordinator.deployer.set_flow_rate(MODEL, NodeId(a), NodeId(b), 800, 512)
+        fast = await _timed(client, x, 2)
+    assert changed == 1
+    runtime = fleet.agents[0].runtime
+    assert runtime is not None
+    (stage,) = [s for s in runtime.stages.values() if s.spec.first == 0]
+    bucket = stage.next[0].link.bucket
+    assert bucket is not None and bucket.rate == pytest.approx(800e6 / 8)
+    # 256 KiB at 2 Mbit/s is ~1 s of tokens per request; at 800 Mbit/s a few milliseconds.
+    assert min(slow) > 0.8, slow
+    assert max(fast) < 0.5, fast
+
+
+async def test_cancelled_requests_are_dropped_by_the_agents(fleet: LocalFleet) -> None:
+    a, b = (agent.settings.node_id for agent in fleet.agents)
+    first, second = (agent.runtime for agent in fleet.agents)
+    assert first is not None and second is not None
+    x = models.example_input(MODEL, 1, seed=2, sample_shape=SHAPE)
+    async with AsyncClient(fleet.address, timeout=60) as client:
+        await client.deploy(MODEL, seed=4, plans=[two_stage_plan(a, b)])
+        await client.infer(MODEL, x)
+        (stage,) = [s for s in second.stages.values() if s.spec.first == 1]
+        served_before = stage.served
+        dropped_before = first.cancelled_microbatches
+        # The stem now takes ~seconds a microbatch: requests queue on the first agent.
+        first.pacer.slowdown = 400.0
+        try:
+            by_deadline = [
+                asyncio.create_task(client.infer(MODEL, x, timeout=0.5)) for _ in range(3)
+            ]
+            by_cancel = asyncio.create_task(client.infer(MODEL, x, timeout=60))
+            await asyncio.sleep(0.5)
+            by_cancel.cancel()
+            for task in by_deadline:
+                with pytest.raises(DeadlineExceeded):
+                    await task
+            with pytest.raises(asyncio.CancelledError):
+                await by_cancel
+            # Every request's microbatch was dropped where it was, none reached the next stage.
+            await wait_for_async(lambda: first.cancelled_microbatches - dropped_before >= 4, 10)
+            await asyncio.sleep(1.0)
+            assert stage.served == served_before
+            assert not first.inflight
+        finally:
+            first.pacer.slowdown = 1.0
+        # The fleet still serves.
+        out = await client.infer(MODEL, x)
+    with torch.inference_mode():
+        want = models.build_blocks(MODEL, 4)(x)
+    assert (out - want).abs().max().item() <= TOLERANCE
+
+
+async def test_old_epoch_traffic_is_refused(fleet: LocalFleet) -> None:
+    a, b = (agent.settings.node_id for agent in fleet.agents)
+    coordinator = fleet.coordinator
+    assert coordinator is not None and coordinator.deployer is not None
+    async with AsyncClient(fleet.address, timeout=60) as client:
+        await client.deploy(MODEL, seed=4, plans=[whole_model_plan(a)])
+        old = coordinator.deployer.live[MODEL].primary
+        await client.deploy(MODEL, seed=4, plans=[whole_model_plan(a), whole_model_plan(b)])
+        x = models.example_input(MODEL, 1, seed=3, sample_shape=SHAPE)
+        # Traffic of the retired epoch reaching its agent is refused by name.
+        runtime = fleet.agents[0].runtime
+        assert runtime is not None
+        with pytest.raises(FailedPrecondition, match="retired"):
+            runtime.get(old.replicas[0][0].stage_id, old.plan_epoch)
+        # ...while the new epochs answer, on both plans.
+        results = [await client.infer_result(MODEL, x) for _ in range(4)]
+    assert len({r.plan_epoch for r in results}) == 2
+    assert old.plan_epoch not in {r.plan_epoch for r in results}
