@@ -91,7 +91,7 @@ def free_subnet() -> ipaddress.IPv4Network:
         except ValueError:
             continue
     for _ in range(200):
-        net = ipaddress.ip_network(f"10.{random.randrange(200, 250)}.{random.randrange(256)}.0/24")
+        net = ipaddress.IPv4Network(f"10.{random.randrange(200, 250)}.{random.randrange(256)}.0/24")
         if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
             return net
     raise NetnsUnavailable("no free private /24 for the testbed")
@@ -228,7 +228,7 @@ class Lan:
         return gw_ip
 
     # -- the medium ------------------------------------------------------------------------
-    def shared_medium(self, rate_mbps: float) -> None:
+    def shared_medium(self, rate_mbps: float, *, exempt: Sequence[str] = ()) -> None:
         """All LAN frames share one rate: every bridge port's ingress goes through one ifb+tbf.
 
         Frames a host sends enter the bridge at its port's ingress, so redirecting every port's
@@ -240,8 +240,9 @@ class Lan:
         run(br, "ip link set ifb0 up")
         run(br, f"tc qdisc add dev ifb0 root {self._tbf(rate_mbps)}")
         self._shared_rate_mbps = rate_mbps
-        for host in self.hosts.values():
-            self._redirect_to_medium(host.port)
+        for name, host in self.hosts.items():
+            if name not in exempt:
+                self._redirect_to_medium(host.port)
 
     def set_shared_rate(self, rate_mbps: float) -> None:
         if self._shared_rate_mbps is None:

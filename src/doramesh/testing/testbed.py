@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from doramesh.testing.compose import COMPOSE_FILE, ComposeService, load_compose, start_order
 from doramesh.testing.netns import (
@@ -107,6 +107,9 @@ class Testbed:
     #: torch threads per agent: the box's cores are shared by every agent.
     agent_threads: int = 1
     measure_s: float = 0.3
+    #: Whether the coordinator's own sends share the medium. Off, the client's inputs reach the
+    #: first stage unshaped, as in a scenario where the data starts on that device.
+    shape_coordinator: bool = True
     extra_agent_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +120,26 @@ class Testbed:
         self._host_names = {h.node_id: f"h{i}" for i, h in enumerate(self.hosts)}
         self._own_workdir = self.workdir is None
         self._compose: dict[str, ComposeService] = {}
+
+    @classmethod
+    def from_scenario(cls, scenario: Any, *, dilation: float = 1.0, **kwargs: Any) -> Testbed:
+        """One host per scenario device (emulating its catalogue class), the scenario's
+        network shaped at ``1/dilation`` of its rates. Devices without a class are refused:
+        an agent can only emulate a catalogue device."""
+        from doramesh.agent.catalogue import CATALOGUE
+
+        custom = [d.node_id for d in scenario.devices if d.device_class not in CATALOGUE]
+        if custom:
+            raise ValueError(f"agents emulate catalogue classes; {custom} have none")
+        net = scenario.network
+        return cls(
+            [HostSpec(d.node_id, d.device_class) for d in scenario.devices],
+            shared_mbps=net.bandwidth_mbps / dilation if net.kind == "shared" else None,
+            link_mbps={(lk.a, lk.b): lk.bandwidth_mbps / dilation for lk in net.links},
+            planner_network_mbps=net.bandwidth_mbps,
+            planner_network_latency_ms=net.latency_ms,
+            **kwargs,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -156,7 +179,7 @@ class Testbed:
             lan.add_host(self._host_names[host.node_id])
         lan.route_from_root("co")
         if self.shared_mbps is not None:
-            lan.shared_medium(self.shared_mbps)
+            lan.shared_medium(self.shared_mbps, exempt=() if self.shape_coordinator else ("co",))
         if self.link_mbps:
             lan.link_rates(
                 {

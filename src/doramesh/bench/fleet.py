@@ -1,0 +1,410 @@
+"""``doramesh bench fleet``: scenarios run for real on the namespace testbed (root only).
+
+Two measurements:
+
+* ``--link-goodput``: two hosts, stage 0 of resnet18 on one and the rest on the other, the first
+  host's egress shaped by ``tbf``; a stream of requests through the coordinator keeps the link
+  full and the bench reports the activation bytes delivered per second against the link's rate.
+  Every byte goes through the product's path (coordinator -> agent -> PeerLink -> agent).
+* ``--scenario FILE [--planner NAME ...]``: each planner plans the scenario; its best plan is
+  deployed as given on a testbed with one host per scenario device and the scenario's network,
+  then run at the scenario's request rate (latency, energy) and flat out (throughput). The
+  record puts the measured figures next to the planner's prediction and the simulator's figure.
+
+**Time dilation.** Two shared CPU cores cannot compute at the speed of a Jetson fleet, and a
+paced agent can only slow down. So the testbed runs the scenario ``k`` times slower: every agent
+is slowed ``k``x (its pacing fault hook), every link shaped to ``1/k`` of its rate, requests
+sent at ``1/k`` of the rate; measured times are divided by ``k`` (throughputs multiplied). Both
+the cost model and the simulator are linear in these, so the dilated run measures the same
+scenario; what does not scale (per-hop gRPC and Python overheads, the host's own compute when
+it exceeds the paced time) is what the measurement exists to catch, shrunk ``k``x for the
+first. ``k`` is chosen so the host has room (``--dilation`` overrides) and is in every record.
+
+Not emulated: the scenario's per-hop latency (this kernel has no netem; a few ms against
+compute of tens to hundreds of ms) and the coordinator's own links (the coordinator's sends
+are not shaped: the scenario's input starts at the first stage's device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doramesh.types import Plan
+
+#: Requests per planner at the scenario's rate (after the warm-up) and flat out.
+RATE_REQUESTS = 30
+CAPACITY_REQUESTS = 24
+WARMUP_REQUESTS = 4
+#: Effective GFLOP/s of one agent thread on this host that the dilation plans for: well below
+#: what a core does alone (about 80), because the box's two cores are shared.
+HOST_GFLOPS_PER_AGENT = 20.0
+#: The same for the whole box, over all agents at once.
+HOST_GFLOPS_TOTAL = 30.0
+MAX_VIOLATION_RATE = 0.05
+
+
+# -- shaped-link goodput ----------------------------------------------------------------------
+
+
+def link_goodput(rate_mbps: float = 40.0, requests: int = 40, warmup: int = 8) -> dict[str, Any]:
+    """Activation goodput over one tbf-shaped link, on the real agent stream path."""
+    import torch
+
+    from doramesh import models
+    from doramesh.sdk import Client
+    from doramesh.testing.testbed import HostSpec, Testbed
+    from doramesh.types import DeviceShare, NodeId, PlanId, Prediction, StagePlan
+
+    hosts = [HostSpec("sender", "jetson-orin-nano"), HostSpec("receiver", "jetson-orin-nano")]
+    plan = Plan(
+        PlanId("link-goodput"),
+        (
+            StagePlan(0, 0, (DeviceShare(NodeId("sender"), 1.0),)),
+            StagePlan(1, 9, (DeviceShare(NodeId("receiver"), 1.0),)),
+        ),
+        1,
+        (),
+        Prediction(0.0, 0.0, 0.0),
+    )
+    with Testbed(hosts) as tb:
+        assert tb.lan is not None
+        tb.lan.shape_host("h0", rate_mbps)
+        inputs = [models.example_input("resnet18", 1, seed=i) for i in range(requests)]
+        with torch.inference_mode():
+            act_bytes = models.build_blocks("resnet18", 0)[0](inputs[0]).numel() * 4
+        done: list[float] = []
+        with Client(tb.coordinator_address, timeout=300) as client:
+            client.deploy("resnet18", seed=0, plan=plan)
+            client.infer("resnet18", inputs[0])  # connections up, stages warm
+            tx0 = tb.tx_bytes("sender")
+            for _ in client.infer_many("resnet18", inputs):
+                done.append(time.perf_counter())
+            tx1 = tb.tx_bytes("sender")
+    window = done[-1] - done[warmup - 1]
+    goodput_mbps = (requests - warmup) * act_bytes * 8 / window / 1e6
+    return {
+        "link_rate_mbps": rate_mbps,
+        "shaping": "tbf on the sending host's eth0",
+        "activation_bytes_per_request": act_bytes,
+        "requests_measured": requests - warmup,
+        "seconds": window,
+        "goodput_mbps": goodput_mbps,
+        "goodput_ratio": goodput_mbps / rate_mbps,
+        "wire_bytes_per_activation_byte": (tx1 - tx0) / (requests * act_bytes),
+    }
+
+
+# -- scenarios on the testbed ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    latency_ms_p50: float | None
+    latency_ms_p95: float | None
+    throughput_sps: float | None
+    energy_j_per_sample: float | None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {
+            "latency_ms_p50": self.latency_ms_p50,
+            "latency_ms_p95": self.latency_ms_p95,
+            "throughput_sps": self.throughput_sps,
+            "energy_j_per_sample": self.energy_j_per_sample,
+        }
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def choose_dilation(scenario: Any, plans: Sequence[Plan]) -> float:
+    """The smallest whole ``k`` that keeps every agent's paced time above this host's own
+    compute time and the box's total load within its shared cores."""
+    gflops = {d.node_id: d.gflops for d in scenario.devices}
+    per_sample = sum(layer.gflops for layer in scenario.model.layers)
+    fastest = max((gflops[d] for p in plans for d in p.device_ids), default=1.0)
+    load = per_sample * max(scenario.workload.rate_rps, 1.0)
+    return float(max(1, math.ceil(max(fastest / HOST_GFLOPS_PER_AGENT, load / HOST_GFLOPS_TOTAL))))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+async def _at_rate(address: str, model: str, inputs: list[Any], rate: float) -> list[float]:
+    """Open loop, evenly spaced arrivals at ``rate``: each request's fleet latency (ms), as the
+    coordinator measured it (the client's own hop is not part of any scenario)."""
+    from doramesh.sdk import AsyncClient
+
+    async with AsyncClient(address, timeout=600) as client:
+        start = time.perf_counter()
+
+        async def one(i: int, x: Any) -> float:
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            return (await client.infer_result(model, x)).latency_ms
+
+        return list(await asyncio.gather(*(one(i, x) for i, x in enumerate(inputs))))
+
+
+def _busy_seconds(tb: Any, node_ids: Sequence[str]) -> dict[str, float]:
+    from doramesh.channels import create_sync_channel
+    from doramesh.v1 import agent_pb2, agent_pb2_grpc
+
+    busy = {}
+    for node_id in node_ids:
+        with create_sync_channel(tb.agent_address(node_id)) as channel:
+            stats = agent_pb2_grpc.AgentStub(channel).GetStats(
+                agent_pb2.GetStatsRequest(), timeout=10
+            )
+        busy[node_id] = sum(s.compute_s for s in stats.stages)
+    return busy
+
+
+def _link_rate_for(scenario: Any, node_id: str) -> float:
+    """The rate a device's sends leave at (the medium, or its fastest link), Mbit/s."""
+    net = scenario.network
+    if net.kind == "shared":
+        return float(net.bandwidth_mbps)
+    rates = [lk.bandwidth_mbps for lk in net.links if node_id in (lk.a, lk.b)]
+    return float(max(rates)) if rates else float(net.bandwidth_mbps)
+
+
+def run_planner_on_testbed(
+    tb: Any, scenario: Any, planner: str, plan: Plan, k: float
+) -> tuple[Figures, dict[str, Any]]:
+    """Deploy ``plan`` as given and measure it; figures in the scenario's (undilated) units."""
+    from doramesh import models
+    from doramesh.sdk import Client
+
+    model = scenario.zoo_model
+    shape = scenario.zoo_sample_shape
+    batch = scenario.workload.batch
+    used = sorted(plan.device_ids)
+    n = WARMUP_REQUESTS + RATE_REQUESTS
+    inputs = [models.example_input(model, batch, seed=i, sample_shape=shape) for i in range(n)]
+    with Client(tb.coordinator_address, timeout=600) as client:
+        client.deploy(model, seed=0, plan=plan, timeout=600)
+        for x in inputs[:WARMUP_REQUESTS]:
+            client.infer(model, x)
+    rate = scenario.workload.rate_rps / k
+    busy0 = _busy_seconds(tb, used)
+    tx0 = {d: tb.tx_bytes(d) for d in used}
+    t0 = time.perf_counter()
+    latencies = asyncio.run(_at_rate(tb.coordinator_address, model, inputs[WARMUP_REQUESTS:], rate))
+    wall = time.perf_counter() - t0
+    busy1 = _busy_seconds(tb, used)
+    tx1 = {d: tb.tx_bytes(d) for d in used}
+    # flat out: the pipeline kept full, completions per second after the first few
+    done: list[float] = []
+    cap_inputs = inputs[:CAPACITY_REQUESTS]
+    with Client(tb.coordinator_address, timeout=600) as client:
+        for _ in client.infer_many(model, cap_inputs):
+            done.append(time.perf_counter())
+    skip = min(4, len(done) - 2)
+    capacity = (len(done) - 1 - skip) * batch / (done[-1] - done[skip]) * k
+    profiles = {d.node_id: d for d in scenario.devices}
+    energy = 0.0
+    detail: dict[str, Any] = {}
+    samples = RATE_REQUESTS * batch
+    for d in used:
+        p = profiles[d]
+        busy = (busy1[d] - busy0[d]) / k
+        tx_s = (tx1[d] - tx0[d]) * 8 / (_link_rate_for(scenario, d) * 1e6 / k) / k
+        idle = max(0.0, wall / k - busy)
+        energy += p.power_active_w * busy + p.power_idle_w * idle + p.power_tx_w * tx_s
+        detail[d] = {"busy_s": busy, "tx_s": tx_s, "tx_bytes": tx1[d] - tx0[d]}
+    lat = [x / k for x in latencies]
+    figures = Figures(
+        latency_ms_p50=statistics.median(lat),
+        latency_ms_p95=_percentile(lat, 0.95),
+        throughput_sps=capacity,
+        energy_j_per_sample=energy / samples,
+    )
+    slo = scenario.qoe.latency_ms
+    violations = sum(1 for x in lat if slo is not None and x > slo) / len(lat)
+    detail_out = {
+        "devices": detail,
+        "wall_s": wall / k,
+        "offered_rps": scenario.workload.rate_rps,
+        "latency_violation_rate": violations,
+    }
+    return figures, detail_out
+
+
+def measured_qoe_met(scenario: Any, f: Figures, violation_rate: float) -> bool:
+    q = scenario.qoe
+    if q.latency_ms is not None and violation_rate > MAX_VIOLATION_RATE:
+        return False
+    if q.min_throughput_sps is not None and (f.throughput_sps or 0.0) < q.min_throughput_sps:
+        return False
+    return not (
+        q.energy_j_per_sample is not None
+        and (f.energy_j_per_sample or math.inf) > q.energy_j_per_sample
+    )
+
+
+def run_scenario(
+    path: str, planners: Sequence[str], dilation: float | None
+) -> list[dict[str, Any]]:
+    from doramesh.bench.planner import _static_figures
+    from doramesh.errors import DoraMeshError
+    from doramesh.planner import api
+    from doramesh.scenario import load_scenario
+    from doramesh.testing.testbed import Testbed
+
+    scenario = load_scenario(path)
+    if scenario.zoo_model is None:
+        raise SystemExit(
+            f"{path}: the testbed runs zoo models (an explicit layer table has no weights)"
+        )
+    if scenario.workload.kind != "inference":
+        raise SystemExit(f"{path}: bench fleet runs inference scenarios")
+    plans: dict[str, Plan] = {}
+    errors: dict[str, str] = {}
+    for name in planners:
+        try:
+            plan_set = api.plan(
+                scenario.devices,
+                scenario.model,
+                scenario.network,
+                scenario.workload,
+                scenario.qoe,
+                planner=name,
+            )
+            plans[name] = plan_set.plans[0]
+        except DoraMeshError as err:
+            errors[name] = err.message
+    k = dilation or choose_dilation(scenario, list(plans.values()))
+    records = []
+    with Testbed.from_scenario(scenario, dilation=k, shape_coordinator=False) as tb:
+        for h in tb.hosts:
+            tb.slow(h.node_id, k)
+        for name in planners:
+            if name not in plans:
+                records.append(
+                    {
+                        "scenario": scenario.name,
+                        "planner": name,
+                        "feasible": False,
+                        "error": errors[name],
+                    }
+                )
+                continue
+            plan = plans[name]
+            sim = _static_figures(plan, scenario)
+            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k)
+            pred = plan.predicted
+            records.append(
+                {
+                    "scenario": scenario.name,
+                    "planner": name,
+                    "objective": scenario.qoe.objective,
+                    "feasible": True,
+                    "dilation": k,
+                    "measured": measured.to_json(),
+                    "predicted": {
+                        "latency_ms_p50": pred.latency_ms,
+                        "latency_ms_p95": None,
+                        "throughput_sps": pred.throughput_sps,
+                        "energy_j_per_sample": pred.energy_j_per_sample,
+                    },
+                    "simulated": {
+                        "latency_ms_p50": sim["latency_ms"],
+                        "latency_ms_p95": sim["latency_ms_p95"],
+                        "throughput_sps": sim["throughput_sps"],
+                        "energy_j_per_sample": sim["energy_j_per_sample"],
+                    },
+                    "qoe_met": measured_qoe_met(
+                        scenario, measured, detail["latency_violation_rate"]
+                    ),
+                    "plan": _plan_json(plan),
+                    "detail": detail,
+                }
+            )
+    return records
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    from doramesh import convert
+
+    return convert.plan_to_json(plan)
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return (a - b) / b
+
+
+def render(records: Sequence[dict[str, Any]]) -> str:
+    head = (
+        "| scenario | planner | k | latency p50 ms meas / pred / sim | p95 meas / sim | "
+        "samples/s meas / pred / sim | J/sample meas / pred / sim | QoE met |"
+    )
+    rows = [head, "|" + " --- |" * 8]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3g}"
+
+    for r in records:
+        if not r.get("feasible"):
+            rows.append(
+                f"| {r['scenario']} | {r['planner']} | - | infeasible: {r.get('error')} | | | | |"
+            )
+            continue
+        m, p, s = r["measured"], r["predicted"], r["simulated"]
+        rows.append(
+            f"| {r['scenario']} | {r['planner']} | {r['dilation']:g} | "
+            f"{f(m['latency_ms_p50'])} / {f(p['latency_ms_p50'])} / {f(s['latency_ms_p50'])} | "
+            f"{f(m['latency_ms_p95'])} / {f(s['latency_ms_p95'])} | "
+            f"{f(m['throughput_sps'])} / {f(p['throughput_sps'])} / {f(s['throughput_sps'])} | "
+            f"{f(m['energy_j_per_sample'])} / {f(p['energy_j_per_sample'])} / "
+            f"{f(s['energy_j_per_sample'])} | {'yes' if r['qoe_met'] else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def main(
+    *,
+    scenarios: Sequence[str],
+    planners: Sequence[str] | None,
+    json_out: str | None,
+    link_goodput_rate: float | None,
+    dilation: float | None,
+) -> int:
+    from doramesh.testing.netns import why_unavailable
+
+    reason = why_unavailable()
+    if reason is not None:
+        print(f"doramesh bench fleet: {reason}")
+        return 2
+    out: dict[str, Any] = {}
+    if link_goodput_rate is not None:
+        result = link_goodput(link_goodput_rate)
+        out["link_goodput"] = result
+        print(
+            f"activation goodput on a {result['link_rate_mbps']:g} Mbit/s tbf link: "
+            f"{result['goodput_mbps']:.1f} Mbit/s = {100 * result['goodput_ratio']:.1f}% "
+            f"of the rate ({result['requests_measured']} x "
+            f"{result['activation_bytes_per_request']} B in {result['seconds']:.2f} s)"
+        )
+    records: list[dict[str, Any]] = []
+    for path in scenarios:
+        records += run_scenario(path, planners or ("doramesh", "throughput-optimal"), dilation)
+        print(render(records))
+    if records:
+        out["records"] = records
+    if json_out:
+        Path(json_out).write_text(
+            json.dumps(records if records and len(out) == 1 else out, indent=2)
+        )
+    return 0
