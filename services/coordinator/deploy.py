@@ -248,8 +248,9 @@ class Deployer:
             )
             old = self.live.get(model)
             if old is not None:
-                live.reweights.extend(old.reweights)
+                live.reweights.extendleft(reversed(old.reweights))
                 live.replan_live_s = old.replan_live_s
+                live.replayed = old.replayed
             self._install(live)
             if old is not None:
                 await self._retire_set(old)
@@ -615,6 +616,7 @@ class Deployer:
                     dep.failed += 1
                     raise
                 dep.replayed += 1
+                live.replayed += 1
                 failed_on.add(dep.plan_epoch)
                 _log.warning(
                     "request failed on the fleet; replaying",
@@ -761,6 +763,7 @@ class Deployer:
             live.speed = old.speed
             live.reweights.extendleft(reversed(old.reweights))
             live.replans = old.replans + 1
+            live.replayed = old.replayed
             live.replan_live_s = old.replan_live_s
             live.replan_live_s.append(time.monotonic() - trigger)
             live.reweights.append(

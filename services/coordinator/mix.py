@@ -73,6 +73,8 @@ class LiveSet:
     speed: dict[NodeId, adapter.Hysteresis] = field(default_factory=dict)
     reweights: deque[Reweight] = field(default_factory=lambda: deque(maxlen=MAX_REWEIGHTS))
     replans: int = 0
+    #: Requests replayed on another plan after a failure (over every plan set of the model).
+    replayed: int = 0
     #: Seconds from each re-planning's trigger until its plans were live.
     replan_live_s: list[float] = field(default_factory=list)
     _credit: dict[int, float] = field(default_factory=dict)

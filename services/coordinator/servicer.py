@@ -229,7 +229,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             latency_ms_p95=dep.percentile(0.95),
             live=live_to_pb(live),
             reweights=len(live.reweights) if live is not None else 0,
-            requests_replayed=sum(d.replayed for d in plans),
+            requests_replayed=live.replayed if live is not None else dep.replayed,
             replan_live_s=live.replan_live_s if live is not None else [],
         )
 

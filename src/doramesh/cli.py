@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--model", default="resnet18", help="zoo model to serve (default resnet18)")
     load.add_argument("--json", dest="json_out", default=None, metavar="OUT",
                       help="write the results as JSON to this file")
+    from doramesh.bench.runtime import add_bench_runtime_parser
+
+    add_bench_runtime_parser(bench_sub)
     bench_planner = bench_sub.add_parser(
         "planner", help="every planner on every scenario, scored by the simulator")
     bench_planner.add_argument("--scenarios", default="scenarios",
@@ -563,6 +566,10 @@ def main(argv: list[str] | None = None) -> None:
                     model=args.model,
                 )
             )
+        if args.bench == "runtime":
+            from doramesh.bench.runtime import main as runtime_main
+
+            sys.exit(runtime_main(args.json_out, requests=args.requests))
         if args.bench == "planning-time":
             from doramesh.bench.planning_time import main as planning_time_main
 
