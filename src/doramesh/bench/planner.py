@@ -152,8 +152,21 @@ def run_one(scenario: Scenario, planner: str, *, time_limit_s: float | None = No
         )
     except DoraMeshError as err:
         return Record(
-            scenario.name, planner, scenario.qoe.objective, False, False, None, None, None,
-            None, None, time.perf_counter() - start, None, None, None, err.message,
+            scenario.name,
+            planner,
+            scenario.qoe.objective,
+            False,
+            False,
+            None,
+            None,
+            None,
+            None,
+            None,
+            time.perf_counter() - start,
+            None,
+            None,
+            None,
+            err.message,
         )
     seconds = time.perf_counter() - start
     sim = _sim(plan_set, scenario, dynamics=True)
@@ -202,25 +215,37 @@ def summarise(records: Sequence[Record]) -> dict[str, Any]:
         if ours is None:
             continue
         anyone = any(r.qoe_met for r in runs.values())
-        qoe_everywhere.append({"scenario": name, "any_planner_meets_qoe": anyone,
-                               "doramesh_meets_qoe": ours.qoe_met})
+        qoe_everywhere.append(
+            {"scenario": name, "any_planner_meets_qoe": anyone, "doramesh_meets_qoe": ours.qoe_met}
+        )
         tput = runs.get("throughput-optimal")
-        if (ours.objective == "min_energy" and ours.qoe_met and tput is not None
-                and tput.energy_j_per_sample):
+        if (
+            ours.objective == "min_energy"
+            and ours.qoe_met
+            and tput is not None
+            and tput.energy_j_per_sample
+        ):
             assert ours.energy_j_per_sample is not None
             energy_ratios.append(ours.energy_j_per_sample / tput.energy_j_per_sample)
         if ours.objective == "min_latency" and ours.latency_ms is not None:
-            baselines = [r.latency_ms for p, r in runs.items()
-                         if p != "doramesh" and r.feasible and r.latency_ms is not None]
+            baselines = [
+                r.latency_ms
+                for p, r in runs.items()
+                if p != "doramesh" and r.feasible and r.latency_ms is not None
+            ]
             best = min(baselines) if baselines else None
-            latency_ok.append({"scenario": name, "doramesh_ms": ours.latency_ms,
-                               "best_baseline_ms": best,
-                               "ok": best is None or ours.latency_ms <= best * 1.0001})
+            latency_ok.append(
+                {
+                    "scenario": name,
+                    "doramesh_ms": ours.latency_ms,
+                    "best_baseline_ms": best,
+                    "ok": best is None or ours.latency_ms <= best * 1.0001,
+                }
+            )
         if ours.predicted and ours.static:
             errors[name] = {
                 "latency": _rel(ours.predicted["latency_ms"], ours.static["latency_ms"]),
-                "throughput": _rel(ours.predicted["throughput_sps"],
-                                   ours.static["throughput_sps"]),
+                "throughput": _rel(ours.predicted["throughput_sps"], ours.static["throughput_sps"]),
             }
     lat_err = [e["latency"] for e in errors.values() if e["latency"] is not None]
     tput_err = [e["throughput"] for e in errors.values() if e["throughput"] is not None]
@@ -289,8 +314,7 @@ def render(result: dict[str, Any]) -> str:
     ratio = s["min_energy_ratio_vs_throughput_optimal_median"]
     lines += [
         "",
-        f"- doramesh meets QoE wherever any planner does: "
-        f"{s['qoe_met_wherever_any_planner_does']}",
+        f"- doramesh meets QoE wherever any planner does: {s['qoe_met_wherever_any_planner_does']}",
         f"- min_energy: doramesh / throughput-optimal energy per sample, median: {_fmt(ratio, 3)}",
         "- min_latency: doramesh no worse than the best baseline: "
         f"{all(x['ok'] for x in s['min_latency'])} ({len(s['min_latency'])} scenarios)",
@@ -308,6 +332,7 @@ def main(
 ) -> int:
     result = run_planner_bench(scenarios, planners=planners or PLANNERS)
     if markdown_out:
+        Path(markdown_out).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_out).write_text(
             f"Produced by `doramesh bench planner --scenarios {scenarios}`; every figure is the "
             "simulator's, not the planner's own prediction.\n\n" + render(result) + "\n"
@@ -317,5 +342,6 @@ def main(
 
     Console(width=max(Console().width, 150)).print(Markdown(render(result)))
     if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2))
     return 0
