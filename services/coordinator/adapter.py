@@ -15,7 +15,7 @@ against its profile; per plan: EWMA latency) and applies what it decides (see
 
 ``u_pd`` is device d's busy seconds per sample of plan p at its measured speed. The shares are
 ``y_p / sum(y)``, with a small probe floor so a plan pushed out still gets measured and can earn
-its share back.
+its share back (a plan over the latency SLO gets nothing, probe included, until a re-plan).
 
 Hysteresis, so the shares do not flap on noise:
   * a device's speed factor (measured seconds per GFLOP x profiled GFLOP/s; 1 = as profiled)

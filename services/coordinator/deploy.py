@@ -333,7 +333,9 @@ class Deployer:
         )
 
     def _alive(self) -> frozenset[NodeId]:
-        return frozenset(p.node_id for p in self.registry.alive())
+        """Agents that may keep their plans: all but the dead (a suspect agent, late on one
+        health check while busy, keeps its load until it is declared dead)."""
+        return frozenset(n for n, r in self.registry.agents.items() if r.state != "dead")
 
     async def _load_plan(
         self,

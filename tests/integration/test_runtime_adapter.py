@@ -251,3 +251,36 @@ async def test_old_epoch_traffic_is_refused(fleet: LocalFleet) -> None:
         results = [await client.infer_result(MODEL, x) for _ in range(4)]
     assert len({r.plan_epoch for r in results}) == 2
     assert old.plan_epoch not in {r.plan_epoch for r in results}
+
+
+async def test_an_agent_dying_under_two_plans_costs_no_request() -> None:
+    """Two plans live; one plan's agent is killed mid-stream: its plan is dropped at once, its
+    requests replayed on the other plan, new plans go live in the background; every request is
+    answered once, in order, equal to the local model."""
+    classes = ("raspberry-pi-5", "raspberry-pi-5", "raspberry-pi-4")
+    async with LocalFleet(classes=classes, mdns=False) as fleet:
+        a, b, _ = (agent.settings.node_id for agent in fleet.agents)
+        coordinator = fleet.coordinator
+        assert coordinator is not None and coordinator.deployer is not None
+        async with AsyncClient(fleet.address, timeout=300) as client:
+            await client.deploy(MODEL, seed=6, plans=[whole_model_plan(a), whole_model_plan(b)])
+            inputs = [models.example_input(MODEL, 1, seed=i, sample_shape=SHAPE) for i in range(80)]
+            results = []
+            killed_at = 0.0
+            async for result in client.infer_many(MODEL, inputs):
+                results.append(result)
+                if len(results) == 20:
+                    killed_at = time.monotonic()
+                    asyncio.get_running_loop().create_task(fleet.kill_agent(1))
+            live = coordinator.deployer.live[MODEL]
+            await wait_for_async(lambda: bool(coordinator.deployer.live[MODEL].replan_live_s), 60)
+            status = await client.job_status(MODEL)
+    assert [r.request_id for r in results] == [str(i) for i in range(len(inputs))]
+    reference = models.build_blocks(MODEL, 6)
+    with torch.inference_mode():
+        for x, r in zip(inputs, results, strict=True):
+            assert (r.output - reference(x)).abs().max().item() <= TOLERANCE
+    dropped = [w for w in live.reweights if w.at >= killed_at and "died" in w.reason]
+    assert dropped, "the dead agent's plan was dropped with a re-weight"
+    assert all(b not in d.plan.device_ids for d in status.live)
+    assert status.replan_live_s

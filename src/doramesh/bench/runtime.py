@@ -48,6 +48,9 @@ CLASSES = ("raspberry-pi-5", "raspberry-pi-4", "raspberry-pi-5", "raspberry-pi-4
 #: Input of the adapter phase: smaller than the profiled 224x224 to keep the run short.
 EVENT_SHAPE = (3, 128, 128)
 SLOWDOWN = 3.0
+#: The slowed plan counts as re-weighted once its share is below this fraction of its share
+#: before (3x slower moves it to about a third of its rate).
+SHIFTED = 0.8
 TOLERANCE = 1e-5
 TRAIN_STEPS = 3
 TRAIN_SHAPE = (3, 32, 32)
@@ -111,6 +114,15 @@ def _first_reweight_after(deployer: Deployer, at: float, word: str) -> float | N
     return min(times) - at if times else None
 
 
+def _first_shift_after(deployer: Deployer, at: float, epoch: int, below: float) -> float | None:
+    """Seconds from ``at`` to the first re-weight that put ``epoch``'s share under ``below``."""
+    live = deployer.live.get(MODEL)
+    if live is None:
+        return None
+    times = [r.at for r in live.reweights if r.at >= at and r.shares.get(epoch, 1.0) < below]
+    return min(times) - at if times else None
+
+
 async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, Any]:
     """Phase 2: two plans live; slow one agent 3x, restore it, kill another; count answers."""
     deployer = _deployer(fleet)
@@ -146,7 +158,8 @@ async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, A
             "slowed" in marks
             and restored_at_result is None
             and (
-                _first_reweight_after(deployer, marks["slowed"], "measurements") is not None
+                _first_shift_after(deployer, marks["slowed"], epoch_a, SHIFTED * share_before)
+                is not None
                 or len(results) >= n // 2
             )
         ):
@@ -181,7 +194,7 @@ async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, A
             if (r.output - reference(x)).abs().max().item() > TOLERANCE:
                 wrong += 1
     status = await client.job_status(MODEL)
-    slowdown_ms = _first_reweight_after(deployer, marks["slowed"], "measurements")
+    slowdown_ms = _first_shift_after(deployer, marks["slowed"], epoch_a, SHIFTED * share_before)
     kill_ms = (
         _first_reweight_after(deployer, marks["killed"], "died") if "killed" in marks else None
     )
