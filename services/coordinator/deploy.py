@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from doramesh import convert, models
-from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, create_channel
+from doramesh.channels import DEFAULT_RPC_TIMEOUT_S, acting_as, create_channel
 from doramesh.coordinator import adapter
 from doramesh.coordinator.mix import LiveSet, PlanStats, Reweight
 from doramesh.coordinator.registry import FleetRegistry
@@ -39,6 +39,7 @@ from doramesh.errors import (
     Unavailable,
     error_for,
 )
+from doramesh.security.credentials import CURRENT_CREDENTIALS
 from doramesh.streams import PeerLink, Replica, StageResult, fan_out
 from doramesh.training import OptimizerSpec, TrainLink, TrainReplica, optimizer_to_pb
 from doramesh.types import (
@@ -69,6 +70,8 @@ ADAPT_POLL_S = 0.1
 STATS_TIMEOUT_S = 0.5
 #: How long a retired plan's in-flight requests may take to finish before its stages go.
 DRAIN_S = 5.0
+#: Least time between two re-plannings asked because re-weighting could not meet the QoE.
+QOE_REPLAN_COOLDOWN_S = 30.0
 #: Deadline of the cancel sent to each agent of a plan when a request is given up.
 CANCEL_TIMEOUT_S = 1.0
 
@@ -137,6 +140,9 @@ class Deployer:
         max_plans: int = 1,
     ) -> None:
         self.registry = registry
+        #: The coordinator's identity, as it is where the deployer is made: channels opened
+        #: later (from a background task, an in-process caller) still present it.
+        self._credentials = CURRENT_CREDENTIALS.get()
         self.weights = weights
         self.planner_address = planner_address
         self.network = network
@@ -162,7 +168,8 @@ class Deployer:
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._agent_channels.get(address)
         if channel is None:
-            channel = self._agent_channels[address] = create_channel(address)
+            with acting_as(self._credentials):
+                channel = self._agent_channels[address] = create_channel(address)
         return channel
 
     async def plan(
@@ -190,7 +197,8 @@ class Deployer:
         if not devices:
             raise FailedPrecondition("no live agents in the fleet to plan on")
         if self._planner_channel is None:
-            self._planner_channel = create_channel(self.planner_address)
+            with acting_as(self._credentials):
+                self._planner_channel = create_channel(self.planner_address)
         stub = planner_pb2_grpc.PlannerStub(self._planner_channel)
         request = planner_pb2.PlanRequest(
             devices=[convert.profile_to_pb(d) for d in devices],
@@ -766,6 +774,7 @@ class Deployer:
             live.reweights.extendleft(reversed(old.reweights))
             live.replans = old.replans + 1
             live.replayed = old.replayed
+            live.qoe_replan_at = old.qoe_replan_at
             live.replan_live_s = old.replan_live_s
             live.replan_live_s.append(time.monotonic() - trigger)
             live.reweights.append(
@@ -839,11 +848,32 @@ class Deployer:
                 for k, s in live.stats.items()
             )
             touched = any(d in changed for dep in live.plans.values() for d in dep.plan.device_ids)
-            if touched or (live.qoe.latency_ms and latencies != getattr(live, "_seen", None)):
+            if touched or (live.qoe.latency_ms and latencies != live.solved_latencies):
+                live.solved_latencies = latencies
                 before = dict(live.shares)
                 live.reweight(alive, "measurements changed")
                 if live.shares != before:
                     _log.info("re-weighted", model=live.model, shares=live.shares)
+                self._replan_if_qoe_missed(live, alive)
+
+    def _replan_if_qoe_missed(self, live: LiveSet, alive: frozenset[NodeId]) -> None:
+        """Re-weighting first; a re-plan only when the shares cannot meet the job's QoE any
+        more (its throughput floor, or no plan within its latency SLO), at most once per
+        ``QOE_REPLAN_COOLDOWN_S``."""
+        now = time.monotonic()
+        if now - live.qoe_replan_at < QOE_REPLAN_COOLDOWN_S:
+            return
+        inp = live.adapter_input(alive)
+        reason = ""
+        floor = live.qoe.min_throughput_sps
+        if floor and adapter.throughput_of(live.shares, inp) < floor:
+            reason = f"throughput under the QoE floor of {floor:g} samples/s"
+        slo = live.qoe.latency_ms
+        if slo and all(inp.latency_ms.get(k, 0.0) > slo for k in live.plans):
+            reason = f"no plan within the latency SLO of {slo:g} ms"
+        if reason:
+            live.qoe_replan_at = now
+            self._replan_soon(live.model, now, reason)
 
     async def _poll(self, node_id: NodeId) -> float | None:
         """The device's new speed factor since the last poll (None: nothing new). An agent

@@ -10,6 +10,7 @@ re-weighting is the pure decision in ``doramesh.coordinator.adapter``.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -75,6 +76,10 @@ class LiveSet:
     replans: int = 0
     #: Requests replayed on another plan after a failure (over every plan set of the model).
     replayed: int = 0
+    #: The accepted plan latencies the shares were last solved with.
+    solved_latencies: tuple[tuple[int, float | None], ...] = ()
+    #: When re-weighting last failed the QoE and a re-plan was asked for (monotonic).
+    qoe_replan_at: float = -math.inf
     #: Seconds from each re-planning's trigger until its plans were live.
     replan_live_s: list[float] = field(default_factory=list)
     _credit: dict[int, float] = field(default_factory=dict)

@@ -1,11 +1,12 @@
 """``doramesh bench runtime``: the runtime measured side by side in one run, on the embedded
 local fleet (in-process agents emulating catalogue devices, real gRPC on loopback).
 
-1. **Pipeline throughput vs prediction.** The planner's best plan for resnet18 over the fleet,
-   fed a stream of requests at the profiled input size; measured samples/s over the plan's
-   predicted throughput (``throughput_ratio``).
+1. **Pipeline throughput vs prediction.** The planner's best plan for resnet18 on the fleet's
+   first half, fed a stream of requests at the profiled input size; measured samples/s over the
+   plan's predicted throughput (``throughput_ratio``).
 2. **The adapter under events.** Two plans live at once (the planner's best plan on each half of
-   the fleet), a stream of ``requests`` requests; mid-stream one agent of the first plan is
+   the fleet), ``requests`` requests from a closed loop of a few concurrent callers (each
+   answer checked once); mid-stream one agent of the first plan is
    slowed 3x (then restored), later one agent of the second plan is killed. Reported: the time
    from each event to re-weighted dispatch (``adapter_reweight_ms``), the time until the
    background re-planning's new plans were live (``replan_live_s``), and per request: answered
@@ -28,6 +29,7 @@ import torch
 
 from doramesh import models
 from doramesh.coordinator.deploy import Deployer
+from doramesh.errors import DoraMeshError
 from doramesh.sdk import AsyncClient
 from doramesh.testing import LocalFleet
 from doramesh.testing.fleet import wait_for_async
@@ -43,8 +45,14 @@ from doramesh.types import (
 )
 
 MODEL = "resnet18"
-#: Device classes of the fleet: two Pi 5 + Pi 4 pairs, so each half can run a plan.
-CLASSES = ("raspberry-pi-5", "raspberry-pi-4", "raspberry-pi-5", "raspberry-pi-4")
+#: Device classes of the fleet, two halves of two Pi 4 each. The slowest catalogue devices:
+#: every emulated device busy at once asks this host for their summed GFLOP/s of real compute
+#: (4 x 11.8), which a shared 2-core machine can just about give; faster classes would make
+#: the host, not the emulation, set the pace.
+CLASSES = ("raspberry-pi-4", "raspberry-pi-4", "raspberry-pi-4", "raspberry-pi-4")
+#: Requests in flight in the adapter phase (a closed loop): few enough that the emulated
+#: devices' compute fits on this host's cores, so the host does not slow the "devices" itself.
+WORKERS = 3
 #: Input of the adapter phase: smaller than the profiled 224x224 to keep the run short.
 EVENT_SHAPE = (3, 128, 128)
 SLOWDOWN = 3.0
@@ -64,9 +72,10 @@ def _deployer(fleet: LocalFleet) -> Deployer:
     return fleet.coordinator.deployer
 
 
-async def _throughput(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, Any]:
-    """Phase 1: the planner's best plan, a stream of ``n`` requests at the profiled size."""
-    dep = await client.deploy(MODEL, seed=1, qoe=QoESpec(objective="max_throughput"), max_plans=1)
+async def _throughput(client: AsyncClient, plan: Plan, n: int) -> dict[str, Any]:
+    """Phase 1: the planner's plan for two agents, a stream of ``n`` requests at the profiled
+    input size (its prediction's size)."""
+    dep = await client.deploy(MODEL, seed=1, plans=[plan])
     inputs = [models.example_input(MODEL, 1, seed=i) for i in range(n)]
     arrivals: list[float] = []
     async for _ in client.infer_many(MODEL, inputs):
@@ -123,10 +132,11 @@ def _first_shift_after(deployer: Deployer, at: float, epoch: int, below: float) 
     return min(times) - at if times else None
 
 
-async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, Any]:
+async def _events(
+    fleet: LocalFleet, client: AsyncClient, plans: list[Plan], n: int
+) -> dict[str, Any]:
     """Phase 2: two plans live; slow one agent 3x, restore it, kill another; count answers."""
     deployer = _deployer(fleet)
-    plans = await _half_plans(fleet)
     await client.deploy(MODEL, seed=2, plans=plans)
     live = deployer.live[MODEL]
     epoch_a, epoch_b = list(live.plans)
@@ -145,11 +155,13 @@ async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, A
     reference = models.build_blocks(MODEL, 2)
     inputs = [models.example_input(MODEL, 1, seed=i, sample_shape=EVENT_SHAPE) for i in range(n)]
     results: list[Any] = []
+    failures: list[str] = []
     marks: dict[str, float] = {}
     restored_at_result: int | None = None
     killer: asyncio.Task[None] | None = None
-    async for result in client.infer_many(MODEL, inputs, timeout=600):
-        results.append(result)
+
+    def on_result() -> None:
+        nonlocal restored_at_result, killer
         now = time.monotonic()
         if len(results) == n // 6:
             slow_runtime.pacer.slowdown = SLOWDOWN
@@ -171,8 +183,22 @@ async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, A
             and killer is None
             and len(results) >= max(restored_at_result + n // 10, (2 * n) // 3)
         ):
-            marks["killed"] = time.monotonic()
+            marks["killed"] = now
             killer = asyncio.create_task(fleet.kill_agent(index[kill_id]))
+
+    todo = iter(range(n))
+
+    async def worker() -> None:
+        for i in todo:
+            try:
+                result = await client.infer_result(MODEL, inputs[i], request_id=str(i), timeout=300)
+            except DoraMeshError as err:
+                failures.append(f"{i}: {err}")
+                continue
+            results.append(result)
+            on_result()
+
+    await asyncio.gather(*(worker() for _ in range(WORKERS)))
     if killer is not None:
         await killer
     share_slowed = min(
@@ -213,7 +239,7 @@ async def _events(fleet: LocalFleet, client: AsyncClient, n: int) -> dict[str, A
         "lost_requests": n - len(ids),
         "duplicate_results": sum(c - 1 for c in ids.values()),
         "wrong_results": wrong,
-        "in_order": [r.request_id for r in results] == [str(i) for i in range(len(results))],
+        "failures": failures[:10],
         "replayed_requests": status.requests_replayed,
         "reweights": len(live.reweights),
         "plan_epochs_used": len({r.plan_epoch for r in results}),
@@ -305,8 +331,9 @@ async def run_runtime_bench(
     started = time.perf_counter()
     async with LocalFleet(classes=CLASSES, mdns=False) as fleet:
         async with AsyncClient(fleet.address, timeout=600) as client:
-            throughput = await _throughput(fleet, client, throughput_requests)
-            events = await _events(fleet, client, requests)
+            plans = await _half_plans(fleet)
+            throughput = await _throughput(client, plans[0], throughput_requests)
+            events = await _events(fleet, client, plans, requests)
             training = await _training(fleet, client)
     return {
         "model": MODEL,
