@@ -14,8 +14,9 @@ COPY services ./services
 COPY src ./src
 RUN pip install '.[all]'
 
-RUN useradd --create-home doramesh
+RUN useradd --create-home doramesh \
+    && install -d -o doramesh -g doramesh -m 0700 /var/lib/doramesh
 USER doramesh
-EXPOSE 7070 7071 7072
+EXPOSE 7070 7071 7072 7073
 ENTRYPOINT []
 CMD ["doramesh", "--help"]

@@ -1,4 +1,8 @@
-"""The agent daemon: profile the device, serve gRPC (Agent + health), announce by mDNS."""
+"""The agent daemon: profile the device, serve gRPC (Agent + health), announce by mDNS.
+
+Secure unless run ``--insecure``: it serves mutual TLS with the certificate it got at enrolment,
+whose node id must be the one it announces (the coordinator admits it only if they match).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from doramesh.agent.pacing import ComputePacer
 from doramesh.agent.profiler import build_profile
 from doramesh.agent.runtime import StageRuntime, WeightCache
 from doramesh.agent.servicer import AgentServicer
-from doramesh.channels import bind, create_server
+from doramesh.channels import UNSET, Unset, acting_as, bind, create_server, resolve_credentials
 from doramesh.discovery import Announcer, lan_address
+from doramesh.errors import FailedPrecondition
+from doramesh.security.credentials import Credentials
 from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2_grpc
@@ -28,8 +34,14 @@ AGENT_SERVICE = "doramesh.v1.Agent"
 class AgentServer:
     """One agent: start() binds, profiles and announces; stop() drains and withdraws."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(
+        self, settings: AgentSettings, *, credentials: Credentials | Unset | None = UNSET
+    ) -> None:
+        """``credentials``: this device's enrolled certificate (default: the process's, see
+        ``channels``); None runs it insecure (development only)."""
         self.settings = settings
+        self._credentials_arg = credentials
+        self.credentials: Credentials | None = None
         self.address = ""
         self.profile: DeviceProfile | None = None
         self.runtime: StageRuntime | None = None
@@ -39,12 +51,26 @@ class AgentServer:
         self._announcer: Announcer | None = None
 
     async def start(self) -> str:
+        creds = resolve_credentials(self._credentials_arg)
+        identity = creds.identity if creds is not None else None
+        if identity is not None and (
+            identity.role != "agent" or identity.name != self.settings.node_id
+        ):
+            raise FailedPrecondition(
+                f"this agent's certificate is for {identity}, not node {self.settings.node_id!r}"
+            )
+        self.credentials = creds
+        # Channels opened from here on (and from every call this server handles) present it.
+        with acting_as(creds):
+            return await self._start()
+
+    async def _start(self) -> str:
         s = self.settings
         if s.threads > 0:
             torch.set_num_threads(s.threads)
         # Activation chunks are ~1 MiB buffers made and freed per message: keep them reusable.
         tune_allocator_for_streaming()
-        self._server = create_server("agent")
+        self._server = create_server("agent", credentials=self.credentials)
         self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
         host, _, port = bound.rpartition(":")

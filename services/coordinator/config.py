@@ -8,6 +8,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class CoordinatorSettings:
     listen: str = "0.0.0.0:7070"
+    #: Server-authenticated TLS port for enrolment (join tokens) and app tokens; "" for none.
+    #: Only served when the coordinator holds the fleet authority.
+    enrol_listen: str = "0.0.0.0:7073"
     #: Host agents should dial to fetch weights. Empty: derived from ``listen``.
     advertise_host: str = ""
     planner: str = "127.0.0.1:7071"

@@ -1,5 +1,12 @@
 """The coordinator daemon: admits agents (mDNS or a static list), watches their liveness,
-deploys plans and serves the client API and stage weights."""
+deploys plans and serves the client API and stage weights.
+
+Secure (credentials given, the default everywhere but ``--insecure``): the client API, weights
+and health are served over mutual TLS; a second, server-authenticated TLS port serves enrolment
+(join token) and the client API to apps holding an app token. An agent is admitted only over a
+connection pinned to the node id it claims: its certificate must carry that id, so an mDNS
+record naming another agent's id at another address never gets through the handshake.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from doramesh import convert
-from doramesh.channels import bind, create_channel, create_server
+from doramesh.channels import UNSET, Unset, acting_as, bind, create_channel, create_server
+from doramesh.channels import resolve_credentials as _resolve_credentials
 from doramesh.coordinator.config import CoordinatorSettings
 from doramesh.coordinator.deploy import Deployer
 from doramesh.coordinator.registry import FleetRegistry
@@ -21,19 +29,41 @@ from doramesh.coordinator.servicer import CoordinatorServicer
 from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
 from doramesh.discovery import Announcement, Browser, lan_address
 from doramesh.errors import DoraMeshError
+from doramesh.security.authority import FleetAuthority
+from doramesh.security.credentials import Credentials
+from doramesh.security.enrolment import EnrolmentServicer
+from doramesh.security.identity import server_name
 from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import Network, NodeId
-from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc
+from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc, security_pb2_grpc
 
 _log = structlog.get_logger("coordinator")
 
 COORDINATOR_SERVICE = "doramesh.v1.Coordinator"
 
 
+#: Admission channels kept open at once; a flood of bogus announcements cannot exceed it.
+MAX_ADMISSION_CHANNELS = 1024
+
+
 class CoordinatorServer:
-    def __init__(self, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        credentials: Credentials | Unset | None = UNSET,
+        authority: FleetAuthority | None = None,
+    ) -> None:
+        """``credentials``: the coordinator's certificate (default: the process's, see
+        ``channels``); ``authority``: the fleet CA and token secret, to enrol devices and check
+        app tokens. With neither, the coordinator runs insecure (development only)."""
         self.settings = settings
         self.address = ""
+        #: The server-authenticated TLS port for enrolment and app tokens ("" when insecure).
+        self.enrol_address = ""
+        self._credentials_arg = credentials
+        self.credentials: Credentials | None = None
+        self.authority = authority
         self.registry = FleetRegistry(
             max_agents=settings.max_agents, dead_after_s=settings.dead_after_s
         )
@@ -42,7 +72,8 @@ class CoordinatorServer:
         self._server: Any = None
         self._health: Any = None
         self._browser: Browser | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        #: (address, node id pinned or "") -> channel; bounded (MAX_ADMISSION_CHANNELS).
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._watchers: dict[NodeId, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._admitting: set[str] = set()
@@ -50,18 +81,34 @@ class CoordinatorServer:
         self.changed = asyncio.Event()
 
     async def start(self) -> str:
+        self.credentials = _resolve_credentials(self._credentials_arg)
+        # Tasks started here (admission, health watchers, deployment) dial as the coordinator.
+        with acting_as(self.credentials):
+            return await self._start()
+
+    async def _start(self) -> str:
         s = self.settings
         # Activation chunks are ~1 MiB buffers made and freed per message: keep them reusable.
         tune_allocator_for_streaming()
-        self._server = create_server("coordinator")
+        self._server = create_server(
+            "coordinator", credentials=self.credentials, authority=self.authority
+        )
         self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
+        enrol_port = ""
+        if self.credentials is not None and self.authority is not None and s.enrol_listen:
+            security_pb2_grpc.add_EnrolmentServicer_to_server(
+                EnrolmentServicer(self.authority), self._server
+            )
+            enrol_port = bind(self._server, s.enrol_listen, tls_only=True).rpartition(":")[2]
         host, _, port = bound.rpartition(":")
         if s.advertise_host:
             host = s.advertise_host
         elif host in {"0.0.0.0", "[::]", ""}:
             host = lan_address(s.mdns_interfaces)
         self.address = f"{host}:{port}"
+        if enrol_port:
+            self.enrol_address = f"{host}:{enrol_port}"
         self.deployer = Deployer(
             registry=self.registry,
             weights=self.weights,
@@ -92,7 +139,13 @@ class CoordinatorServer:
                 max_entries=s.max_agents * 4,
             )
             await self._browser.start()
-        _log.info("coordinator serving", address=self.address, planner=s.planner)
+        _log.info(
+            "coordinator serving",
+            address=self.address,
+            enrol_address=self.enrol_address or None,
+            planner=s.planner,
+            secure=self.credentials is not None,
+        )
         return self.address
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -100,11 +153,26 @@ class CoordinatorServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def _channel(self, address: str, node_id: str = "") -> grpc.aio.Channel:
+        """A channel to an agent; with ``node_id``, the handshake fails unless the agent's
+        certificate carries that node id (gRPC checks the pinned DNS SAN)."""
+        key = (address, node_id)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[address] = create_channel(address)
+            while len(self._channels) >= MAX_ADMISSION_CHANNELS:
+                oldest = next(iter(self._channels))
+                self._spawn(self._channels.pop(oldest).close())
+            channel = self._channels[key] = create_channel(
+                address,
+                credentials=self.credentials,
+                server_name=server_name("agent", node_id) if node_id else None,
+            )
         return channel
+
+    def _drop_channel(self, address: str, node_id: str = "") -> None:
+        channel = self._channels.pop((address, node_id), None)
+        if channel is not None:
+            self._spawn(channel.close())
 
     async def _on_found(self, ann: Announcement) -> None:
         await self._admit(ann.address, expect_node_id=ann.node_id, discovered_by="mdns")
@@ -121,11 +189,15 @@ class CoordinatorServer:
             return True
         self._admitting.add(address)
         try:
-            stub = agent_pb2_grpc.AgentStub(self._channel(address))
-            try:
-                pb = await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=5)
-            except grpc.aio.AioRpcError as err:
-                _log.info("agent not reachable", address=address, status=err.code().name)
+            if expect_node_id is None:
+                # A static address: learn who claims to be there, then prove it below.
+                pb = await self._get_profile(address, "")
+                if pb is None:
+                    return False
+                expect_node_id = pb.node_id
+            # The handshake pins the node id: only a certificate for it gets through.
+            pb = await self._get_profile(address, expect_node_id)
+            if pb is None:
                 return False
             profile = convert.profile_from_pb(pb)
             if expect_node_id is not None and profile.node_id != expect_node_id:
@@ -161,6 +233,8 @@ class CoordinatorServer:
                     device_class=profile.device_class,
                     by=discovered_by,
                 )
+            if discovered_by == "static":
+                self._drop_channel(address, "")
             watcher = self._watchers.get(profile.node_id)
             if watcher is None or watcher.done():
                 self._watchers[profile.node_id] = asyncio.create_task(
@@ -171,11 +245,26 @@ class CoordinatorServer:
         finally:
             self._admitting.discard(address)
 
+    async def _get_profile(self, address: str, node_id: str) -> agent_pb2.DeviceProfile | None:
+        stub = agent_pb2_grpc.AgentStub(self._channel(address, node_id))
+        try:
+            return await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=5)
+        except grpc.aio.AioRpcError as err:
+            # A spoofed record (no certificate for that node id) ends here, as UNAVAILABLE.
+            _log.info(
+                "agent not reachable or not who it claims",
+                address=address,
+                claimed=node_id or None,
+                status=err.code().name,
+            )
+            self._drop_channel(address, node_id)
+            return None
+
     async def _watch(self, node_id: NodeId, address: str) -> None:
         """Health-check one agent; a killed agent sends no goodbye, so silence is death."""
         from grpc_health.v1 import health_pb2 as hpb
 
-        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        stub = health_pb2_grpc.HealthStub(self._channel(address, node_id))
         period = self.settings.heartbeat_s
         while True:
             try:

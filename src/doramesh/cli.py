@@ -20,7 +20,6 @@ ENV_PREFIX = "DORAMESH_"
 
 
 class _Daemon(Protocol):
-
     async def start(self) -> str: ...
     async def stop(self, grace: float = ...) -> None: ...
 
@@ -82,10 +81,15 @@ def _common_daemon_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_import_flag(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--model-import", "MODEL_IMPORTS",
-         "serve a user model, 'package.module:factory'; repeat for several (comma-separated "
-         "in the env var). The same path must be given to the coordinator and the agents",
-         action="append", default=None)
+    _add(
+        parser,
+        "--model-import",
+        "MODEL_IMPORTS",
+        "serve a user model, 'package.module:factory'; repeat for several (comma-separated "
+        "in the env var). The same path must be given to the coordinator and the agents",
+        action="append",
+        default=None,
+    )
 
 
 def _register_model_imports(args: argparse.Namespace) -> None:
@@ -101,6 +105,8 @@ def _mdns_interfaces(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from doramesh.fleet_cli import add_fleet_admin, add_security_flags
+
     parser = argparse.ArgumentParser(
         prog="doramesh",
         description="QoE-aware hybrid parallelism for AI models across a fleet of edge devices.",
@@ -193,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_import_flag(agent)
     _common_daemon_flags(agent)
+    add_security_flags(agent, agent=True)
 
     coord = sub.add_parser(
         "coordinator",
@@ -278,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_import_flag(coord)
     _common_daemon_flags(coord)
+    add_security_flags(coord, coordinator=True)
 
     planner = sub.add_parser(
         "planner", help="run the planner service", description="Run the stateless planner service."
@@ -290,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("PLANNER_LISTEN", "0.0.0.0:7071"),
     )
     _common_daemon_flags(planner)
+    add_security_flags(planner)
 
     health = sub.add_parser("health", help="check a daemon's gRPC health (exit 0 if SERVING)")
     health.add_argument("--address", default="127.0.0.1:7070", help="host:port to check")
     health.add_argument("--service", default="", help="service name ('' = the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="deadline, seconds")
+    add_security_flags(health)
 
     demo = sub.add_parser(
         "demo",
@@ -313,16 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=5, help="requests per model (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="weights and input seed")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
-    demo.add_argument("--no-train", action="store_true",
-                      help="skip the short distributed training run")
+    demo.add_argument(
+        "--no-train", action="store_true", help="skip the short distributed training run"
+    )
+    demo.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, unauthenticated fleet (development only; default: an "
+        "ephemeral fleet CA and mutual TLS)",
+    )
 
-    fleet = sub.add_parser("fleet", help="show the fleet a coordinator sees")
+    fleet = sub.add_parser(
+        "fleet", help="show the fleet a coordinator sees; create its CA; issue tokens"
+    )
     fleet.add_argument(
         "--coordinator",
         default=_env("COORDINATOR", "127.0.0.1:7070"),
         help=f"host:port of the coordinator [env {ENV_PREFIX}COORDINATOR]",
     )
     fleet.add_argument("--json", action="store_true", help="print JSON")
+    add_fleet_admin(fleet)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -344,37 +364,70 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seconds", type=float, default=120.0, help="measured time (default 120)")
     load.add_argument("--warmup", type=float, default=20.0, help="warm-up time (default 20)")
     load.add_argument("--model", default="resnet18", help="zoo model to serve (default resnet18)")
-    load.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                      help="write the results as JSON to this file")
+    load.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the results as JSON to this file",
+    )
     from doramesh.bench.runtime import add_bench_runtime_parser
 
     add_bench_runtime_parser(bench_sub)
     bench_planner = bench_sub.add_parser(
-        "planner", help="every planner on every scenario, scored by the simulator")
-    bench_planner.add_argument("--scenarios", default="scenarios",
-                               help="scenario file or folder (default: scenarios/)")
-    bench_planner.add_argument("--planner", action="append", default=None,
-                               help="planner to include; repeat for several (default: all)")
-    bench_planner.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                               help="write the records as JSON to this file")
-    bench_planner.add_argument("--markdown", dest="markdown_out", default=None, metavar="OUT",
-                               help="also write the table as Markdown to this file")
+        "planner", help="every planner on every scenario, scored by the simulator"
+    )
+    bench_planner.add_argument(
+        "--scenarios", default="scenarios", help="scenario file or folder (default: scenarios/)"
+    )
+    bench_planner.add_argument(
+        "--planner",
+        action="append",
+        default=None,
+        help="planner to include; repeat for several (default: all)",
+    )
+    bench_planner.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the records as JSON to this file",
+    )
+    bench_planner.add_argument(
+        "--markdown",
+        dest="markdown_out",
+        default=None,
+        metavar="OUT",
+        help="also write the table as Markdown to this file",
+    )
     planning_time = bench_sub.add_parser(
-        "planning-time", help="planning time on synthetic 16x96 and 64x200 fleets")
-    planning_time.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                               help="write the results as JSON to this file")
+        "planning-time", help="planning time on synthetic 16x96 and 64x200 fleets"
+    )
+    planning_time.add_argument(
+        "--json",
+        dest="json_out",
+        default=None,
+        metavar="OUT",
+        help="write the results as JSON to this file",
+    )
 
     from doramesh.train_cli import add_train_parser
 
     add_train_parser(sub)
+    add_security_flags(sub.choices["train"])
 
-    plan = sub.add_parser("plan", help="plan a scenario file offline",
-                          description="Plan a scenario file (YAML, see scenarios/) offline and "
-                          "print the plan set.")
+    plan = sub.add_parser(
+        "plan",
+        help="plan a scenario file offline",
+        description="Plan a scenario file (YAML, see scenarios/) offline and print the plan set.",
+    )
     plan.add_argument("scenario", help="scenario file")
-    plan.add_argument("--planner", default="doramesh",
-                      help="doramesh or a baseline (single-device, uniform, memory-proportional,"
-                      " throughput-optimal, latency-optimal, data-parallel)")
+    plan.add_argument(
+        "--planner",
+        default="doramesh",
+        help="doramesh or a baseline (single-device, uniform, memory-proportional,"
+        " throughput-optimal, latency-optimal, data-parallel)",
+    )
     plan.add_argument("--max-plans", type=int, default=4, help="plans in the set (default 4)")
     plan.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -389,10 +442,12 @@ async def _serve(daemon: _Daemon, ready_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    from doramesh.fleet_cli import ready_extra
+
     address = await daemon.start()
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), **ready_extra(daemon)}))
         tmp.replace(ready_file)
     await stop.wait()
     log.info("draining", address=address)
@@ -402,13 +457,22 @@ async def _serve(daemon: _Daemon, ready_file: Path | None) -> None:
 def _run_agent(args: argparse.Namespace) -> None:
     from doramesh.agent.config import AgentSettings, default_node_id
     from doramesh.agent.server import AgentServer
+    from doramesh.channels import set_default_credentials
+    from doramesh.fleet_cli import daemon_credentials
+    from doramesh.security.credentials import load_node_credentials
 
     _register_model_imports(args)
+    # An enrolled device keeps the node id its certificate names.
+    enrolled = None if args.insecure else load_node_credentials(args.state_dir)
+    node_id = args.node_id or (enrolled.identity.name if enrolled and enrolled.identity else "")
+    node_id = node_id or default_node_id()
+    credentials = daemon_credentials(args, "agent", node_id)
+    set_default_credentials(credentials)
     settings = AgentSettings(
         listen=args.listen,
         advertise_host=args.advertise_host,
-        node_id=args.node_id or default_node_id(),
-        fleet_id=args.fleet_id,
+        node_id=node_id,
+        fleet_id=args.fleet_id or (credentials.fleet_id if credentials else ""),
         emulate=args.emulate,
         memory_limit_mb=args.memory_mb,
         mdns_interfaces=_mdns_interfaces(args),
@@ -418,15 +482,24 @@ def _run_agent(args: argparse.Namespace) -> None:
         threads=args.threads,
         device=args.device,
     )
-    asyncio.run(_serve(AgentServer(settings), args.ready_file))
+    asyncio.run(_serve(AgentServer(settings, credentials=credentials), args.ready_file))
 
 
 def _run_coordinator(args: argparse.Namespace) -> None:
+    from doramesh.channels import set_default_credentials
     from doramesh.coordinator.config import CoordinatorSettings
     from doramesh.coordinator.server import CoordinatorServer
+    from doramesh.fleet_cli import daemon_credentials
+    from doramesh.security.authority import FleetAuthority
+    from doramesh.security.credentials import holds_ca
 
     _register_model_imports(args)
     static = tuple(args.agent or _env_list("AGENTS"))
+    credentials = daemon_credentials(args, "coordinator")
+    set_default_credentials(credentials)
+    authority = None
+    if credentials is not None and holds_ca(args.state_dir):
+        authority = FleetAuthority.load(args.state_dir)
     settings = CoordinatorSettings(
         listen=args.listen,
         advertise_host=args.advertise_host,
@@ -434,18 +507,23 @@ def _run_coordinator(args: argparse.Namespace) -> None:
         static_agents=static,
         browse=not args.no_browse,
         mdns_interfaces=_mdns_interfaces(args),
-        fleet_id=args.fleet_id,
+        fleet_id=args.fleet_id or (credentials.fleet_id if credentials else ""),
         heartbeat_s=args.heartbeat_s,
         dead_after_s=args.dead_after_s,
         network_mbps=args.network_mbps,
         network_latency_ms=args.network_latency_ms,
+        enrol_listen=args.enrol_listen,
     )
-    asyncio.run(_serve(CoordinatorServer(settings), args.ready_file))
+    server = CoordinatorServer(settings, credentials=credentials, authority=authority)
+    asyncio.run(_serve(server, args.ready_file))
 
 
 def _run_planner(args: argparse.Namespace) -> None:
+    from doramesh.channels import set_default_credentials
+    from doramesh.fleet_cli import daemon_credentials
     from doramesh.planner.servicer import PlannerServer
 
+    set_default_credentials(daemon_credentials(args, "planner"))
     asyncio.run(_serve(PlannerServer(args.listen), args.ready_file))
 
 
@@ -454,8 +532,10 @@ def _run_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from doramesh.channels import create_sync_channel
+    from doramesh.fleet_cli import client_credentials
 
-    with create_sync_channel(args.address) as channel:
+    credentials = client_credentials(args, args.address)
+    with create_sync_channel(args.address, credentials=credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -474,10 +554,14 @@ def _run_fleet(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from doramesh.errors import DoraMeshError
+    from doramesh.fleet_cli import client_credentials, run_fleet_admin
     from doramesh.sdk import Client
 
+    if args.action != "show":
+        return run_fleet_admin(args)
     try:
-        with Client(args.coordinator, timeout=5) as client:
+        credentials = client_credentials(args, args.coordinator)
+        with Client(args.coordinator, timeout=5, credentials=credentials) as client:
             agents = client.fleet()
     except DoraMeshError as err:
         print(f"doramesh fleet: {err}", file=sys.stderr)
@@ -537,7 +621,11 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_demo(args))
     if args.command == "train":
+        from doramesh.channels import set_default_credentials
+        from doramesh.fleet_cli import client_credentials
         from doramesh.train_cli import run_train
+
+        set_default_credentials(client_credentials(args, args.coordinator))
 
         sys.exit(run_train(args))
     if args.command == "plan":
@@ -575,5 +663,11 @@ def main(argv: list[str] | None = None) -> None:
 
             planning_time_main(args.json_out)
             return
-    code = handlers[args.command](args)
+    from doramesh.errors import DoraMeshError
+
+    try:
+        code = handlers[args.command](args)
+    except DoraMeshError as err:  # e.g. a daemon with no credentials: say why, no traceback
+        print(f"doramesh {args.command}: {err.message}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -133,8 +133,7 @@ async def _run_training(client: AsyncClient, seed: int) -> dict[str, Any]:
         "steps": TRAIN_STEPS,
         "batch": TRAIN_BATCH,
         "stages": [
-            {"layers": [s.first, s.last], "devices": [d.id for d in s.devices]}
-            for s in plan.stages
+            {"layers": [s.first, s.last], "devices": [d.id for d in s.devices]} for s in plan.stages
         ],
         "losses": [p.loss for p in progress],
         "local_losses": local,
@@ -146,12 +145,22 @@ async def _run_training(client: AsyncClient, seed: int) -> dict[str, Any]:
 
 
 async def demo(
-    n_agents: int, model_names: list[str], requests: int, seed: int, *, train: bool = True
+    n_agents: int,
+    model_names: list[str],
+    requests: int,
+    seed: int,
+    *,
+    train: bool = True,
+    secure: bool = True,
 ) -> dict[str, Any]:
     for name in model_names:
         models.get_spec(name)
     start = time.perf_counter()
-    async with LocalFleet(classes=_classes(n_agents)) as fleet:
+    if not secure:
+        from doramesh.fleet_cli import warn_insecure
+
+        warn_insecure("demo")
+    async with LocalFleet(classes=_classes(n_agents), secure=secure) as fleet:
         discovered_s = time.perf_counter() - start
         async with AsyncClient(fleet.address, timeout=60) as client:
             agents = await client.fleet()
@@ -172,6 +181,8 @@ async def demo(
             for a in agents
         ],
         "fleet_ready_s": round(discovered_s, 2),
+        # Every connection in the demo is mutual TLS under an ephemeral fleet CA.
+        "security": "mtls" if secure else "insecure",
         "inference": results,
         "training": training,
         "ok": all(r["matches_local"] for r in results)
@@ -214,18 +225,20 @@ def _print_tables(report: dict[str, Any]) -> None:
     console.print(runs)
     t = report.get("training")
     if t:
-        train = Table(title=f"distributed training vs one process: {t['model']} "
-                      f"{'x'.join(map(str, t['sample_shape']))}, batch {t['batch']}, SGD")
+        train = Table(
+            title=f"distributed training vs one process: {t['model']} "
+            f"{'x'.join(map(str, t['sample_shape']))}, batch {t['batch']}, SGD"
+        )
         train.add_column("stages: layers -> agent", no_wrap=True)
         for col in ("step", "loss (fleet)", "loss (local)", "|diff|"):
             train.add_column(col, justify="right")
         stages = "\n".join(
-            f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}"
-            for s in t["stages"]
+            f"[{s['layers'][0]}-{s['layers'][1]}] -> {', '.join(s['devices'])}" for s in t["stages"]
         )
         for i, (a, b) in enumerate(zip(t["losses"], t["local_losses"], strict=True)):
-            train.add_row(stages if i == 0 else "", str(i + 1), f"{a:.6f}", f"{b:.6f}",
-                          f"{abs(a - b):.1e}")
+            train.add_row(
+                stages if i == 0 else "", str(i + 1), f"{a:.6f}", f"{b:.6f}", f"{abs(a - b):.1e}"
+            )
         console.print(train)
 
 
@@ -235,7 +248,14 @@ def run_demo(args: argparse.Namespace) -> int:
         print("doramesh demo: --agents must be at least 1", file=sys.stderr)
         return 2
     report = asyncio.run(
-        demo(args.agents, model_names, args.requests, args.seed, train=not args.no_train)
+        demo(
+            args.agents,
+            model_names,
+            args.requests,
+            args.seed,
+            train=not args.no_train,
+            secure=not getattr(args, "insecure", False),
+        )
     )
     if args.json:
         print(json.dumps(report, indent=2))

@@ -24,7 +24,13 @@ import grpc.aio
 import torch
 
 from doramesh import convert
-from doramesh.channels import MAX_MESSAGE_BYTES, create_channel, create_sync_channel
+from doramesh.channels import (
+    MAX_MESSAGE_BYTES,
+    UNSET,
+    Unset,
+    create_channel,
+    create_sync_channel,
+)
 from doramesh.errors import (
     Aborted,
     Cancelled,
@@ -39,6 +45,7 @@ from doramesh.errors import (
     Unavailable,
     from_rpc_error,
 )
+from doramesh.security.credentials import Credentials
 from doramesh.tensors import tensor_from_pb, tensor_to_pb
 from doramesh.training import OptimizerName, OptimizerSpec, optimizer_to_pb
 from doramesh.types import DeviceProfile, Plan, QoESpec, Workload
@@ -264,10 +271,18 @@ def _deploy_request(
 class Client:
     """Blocking client of a coordinator."""
 
-    def __init__(self, address: str = "127.0.0.1:7070", *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:7070",
+        *,
+        timeout: float = 60.0,
+        credentials: Credentials | Unset | None = UNSET,
+    ) -> None:
+        """``credentials``: an app certificate or app token (``doramesh.security``); default:
+        this process's (set by the CLI or a test fleet); None: plaintext (``--insecure``)."""
         self.address = address
         self.timeout = timeout
-        self._channel = create_sync_channel(address)
+        self._channel = create_sync_channel(address, credentials=credentials)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -418,10 +433,16 @@ class Client:
 class AsyncClient:
     """asyncio client of a coordinator; safe to share among tasks."""
 
-    def __init__(self, address: str = "127.0.0.1:7070", *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:7070",
+        *,
+        timeout: float = 60.0,
+        credentials: Credentials | Unset | None = UNSET,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = create_channel(address)
+        self._channel = create_channel(address, credentials=credentials)
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def __aenter__(self) -> Self:

@@ -10,11 +10,17 @@ import torch
 from doramesh import models
 from doramesh.channels import CHUNK_BYTES, create_channel
 from doramesh.sdk import AsyncClient
+from doramesh.security.credentials import Credentials
 from doramesh.tensors import tensor_to_pb
 from doramesh.testing import LocalFleet
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def _peer(fleet: LocalFleet) -> Credentials | None:
+    """Agents take calls from the coordinator and other agents only: dial them as a peer."""
+    return fleet.issue("agent", "test-peer")
 
 
 async def _deployed(fleet: LocalFleet) -> AsyncClient:
@@ -106,7 +112,7 @@ async def test_oversized_chunk_on_an_activation_stream(fleet: LocalFleet) -> Non
             chunk=agent_pb2.ActivationChunk(microbatch_id=1, offset=0, data=b"\0" * size)
         ),
     ]
-    async with create_channel(agent.address) as channel:
+    async with create_channel(agent.address, credentials=_peer(fleet)) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
         call = stub.Forward(iter(frames), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -132,7 +138,7 @@ async def test_chunk_out_of_order_on_an_activation_stream(fleet: LocalFleet) -> 
             chunk=agent_pb2.ActivationChunk(microbatch_id=5, offset=8, data=b"\0" * 8)
         ),
     ]
-    async with create_channel(fleet.agents[1].address) as channel:
+    async with create_channel(fleet.agents[1].address, credentials=_peer(fleet)) as channel:
         call = agent_pb2_grpc.AgentStub(channel).Forward(iter(frames), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in call:
@@ -149,7 +155,7 @@ async def test_unknown_stage_is_answered_per_microbatch(fleet: LocalFleet) -> No
     frames = list(
         iter_frames(x, stage_id="no-such-stage", plan_epoch=1, request_id="r", microbatch_id=9)
     )
-    async with create_channel(fleet.agents[0].address) as channel:
+    async with create_channel(fleet.agents[0].address, credentials=_peer(fleet)) as channel:
         call = agent_pb2_grpc.AgentStub(channel).Forward(iter(frames), timeout=10)
         replies = [frame async for frame in call]
     assert len(replies) == 1
@@ -172,7 +178,7 @@ async def test_stage_that_does_not_fit_in_memory(fleet: LocalFleet) -> None:
         weights_digest=data_digest,
         weights_source=fleet.address,
     )
-    async with create_channel(agent.address) as channel:
+    async with create_channel(agent.address, credentials=_peer(fleet)) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await agent_pb2_grpc.AgentStub(channel).LoadStage(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

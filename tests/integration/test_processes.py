@@ -19,6 +19,7 @@ import yaml
 from doramesh import models
 from doramesh.errors import DoraMeshError
 from doramesh.sdk import Client
+from doramesh.security.enrolment import token_credentials
 from doramesh.testing import SubprocessFleet, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,23 +120,52 @@ def test_compose_commands_start_and_serve(tmp_path: Path) -> None:
 
         return str(json.loads(ready.read_text())["address"])
 
+    # The fleet's security as compose.yaml documents it: `fleet init` makes the CA in the
+    # state dir the planner and coordinator share; the agent enrols with a one-time join token.
+    cli = [sys.executable, "-m", "doramesh"]
+    fleet_state = {"DORAMESH_STATE_DIR": str(tmp_path / "fleet-state")}
+    agent_state = {"DORAMESH_STATE_DIR": str(tmp_path / "agent-state")}
+    init = [*cli, "fleet", "init", "--state-dir", fleet_state["DORAMESH_STATE_DIR"]]
+    subprocess.run([*init, "--fleet-id", fleet_id], check=True, timeout=60)
+
+    def fleet_cli(*args: str) -> str:
+        out = subprocess.run(
+            [*cli, "fleet", *args, "--state-dir", fleet_state["DORAMESH_STATE_DIR"]],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        return out.stdout.decode().strip()
+
     try:
-        planner = start("planner", {"DORAMESH_PLANNER_LISTEN": f"127.0.0.1:{ports['planner']}"})
+        planner = start(
+            "planner",
+            {"DORAMESH_PLANNER_LISTEN": f"127.0.0.1:{ports['planner']}", **fleet_state},
+        )
+        coordinator = start(
+            "coordinator",
+            {
+                "DORAMESH_COORDINATOR_LISTEN": "127.0.0.1:0",
+                "DORAMESH_COORDINATOR_ENROL_LISTEN": "127.0.0.1:0",
+                "DORAMESH_PLANNER": planner,
+                **fleet_state,
+            },
+        )
+        import json
+
+        enrol = json.loads((tmp_path / "coordinator.ready").read_text())["enrol_address"]
         agent = start(
             "agent",
             {
                 "DORAMESH_AGENT_LISTEN": "127.0.0.1:0",
                 "DORAMESH_NODE_ID": "compose-agent",
                 "DORAMESH_EMULATE": "raspberry-pi-5",
+                "DORAMESH_JOIN_TOKEN": fleet_cli("join-token"),
+                "DORAMESH_ENROLL": enrol,
+                **agent_state,
             },
         )
-        coordinator = start(
-            "coordinator",
-            {
-                "DORAMESH_COORDINATOR_LISTEN": "127.0.0.1:0",
-                "DORAMESH_PLANNER": planner,
-            },
-        )
+        states = {"planner": fleet_state, "agent": agent_state, "coordinator": fleet_state}
         for name in ("planner", "agent", "coordinator"):
             health = services[name]["healthcheck"]["test"]  # type: ignore[index]
             argv = list(health[2:])  # type: ignore[index]
@@ -144,8 +174,11 @@ def test_compose_commands_start_and_serve(tmp_path: Path) -> None:
                 "agent": agent,
                 "coordinator": coordinator,
             }[name]
-            subprocess.run([sys.executable, "-m", "doramesh", *argv], check=True, timeout=30)
-        with Client(coordinator, timeout=30) as client:
+            env = {**os.environ, **states[name]}
+            subprocess.run([*cli, *argv], check=True, timeout=30, env=env)
+        # An app with an app token only (no certificate) calls the client API on the TLS port.
+        app = token_credentials(enrol, fleet_cli("app-token"))
+        with Client(enrol, timeout=30, credentials=app) as client:
             wait_for(lambda: len(client.fleet()) == 1, 30)
             dep = client.deploy("mlp-tiny", timeout=120)
             assert dep.plan.stages[0].devices[0].id == "compose-agent"

@@ -75,7 +75,10 @@ def make_csr(key: ec.EllipticCurvePrivateKey, node_id: str) -> bytes:
     """A certificate signing request for ``node_id``; the key never leaves this process."""
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+        # The CN is a label only: the signed identity comes from the token or the request.
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id[:64] or "doramesh device")])
+        )
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)

@@ -92,6 +92,14 @@ def fetch_pinned_ca(address: str, ca_fingerprint: str, *, timeout: float = 5.0) 
     return cert_pem(ca)
 
 
+def token_credentials(address: str, token: str) -> Credentials:
+    """Credentials for an app holding an app token: the CA its token pins, fetched from the
+    coordinator's TLS-only port at ``address`` (where such an app must call)."""
+    return Credentials(
+        fetch_pinned_ca(address, tokens.peek(token).ca_fingerprint), bearer_token=token
+    )
+
+
 async def enrol(address: str, token: str, node_id: str, *, timeout: float = 10.0) -> Credentials:
     """Enrol this device with the coordinator's TLS-only port at ``address``."""
     claims = tokens.peek(token)

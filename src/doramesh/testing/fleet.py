@@ -1,4 +1,11 @@
-"""LocalFleet (in-process) and SubprocessFleet (one OS process per daemon)."""
+"""LocalFleet (in-process) and SubprocessFleet (one OS process per daemon).
+
+Both are secure by default, like a real fleet: each makes an ephemeral fleet CA in a temporary
+directory, gives every service and agent a certificate for its own identity, and makes this
+process a client of the fleet (an app certificate as the default credentials of ``channels``,
+so ``Client(fleet.address)`` just works). ``secure=False`` runs everything plaintext, for
+development, and says so in the logs.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +24,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from doramesh import channels
 from doramesh.agent.config import AgentSettings
 from doramesh.agent.server import AgentServer
 from doramesh.coordinator.config import CoordinatorSettings
 from doramesh.coordinator.server import CoordinatorServer
 from doramesh.planner.servicer import PlannerServer
+from doramesh.security.authority import FleetAuthority
+from doramesh.security.credentials import Credentials, save_node_credentials
+from doramesh.security.identity import Identity, Role
 
 #: Device classes the demo's agents emulate, in order: a mixed home/edge fleet.
 DEFAULT_CLASSES = ("raspberry-pi-5", "jetson-orin-nano", "raspberry-pi-4", "mini-pc", "pixel-8")
@@ -68,7 +79,21 @@ class LocalFleet:
     planner: PlannerServer | None = None
     coordinator: CoordinatorServer | None = None
     agents: list[AgentServer] = field(default_factory=list)
+    #: Mutual TLS with an ephemeral fleet CA (the default); False: plaintext, development only.
+    secure: bool = True
+    #: The fleet's CA and token secret (secure fleets), e.g. to issue join or app tokens.
+    authority: FleetAuthority | None = None
+    #: What this process presents to the fleet: an app certificate (secure fleets).
+    credentials: Credentials | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    _ca_tmp: tempfile.TemporaryDirectory[str] | None = None
+    _previous_default: Credentials | None = None
+
+    def issue(self, role: Role, name: str) -> Credentials | None:
+        """Credentials signed by this fleet's CA for ``name`` in ``role`` (None if insecure)."""
+        if self.authority is None:
+            return None
+        return Credentials.issued_by(self.authority.ca, Identity(self.fleet_id, role, name))
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -91,8 +116,13 @@ class LocalFleet:
         if self.cache_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="doramesh-fleet-")
             self.cache_dir = Path(self._tmp.name)
+        if self.secure:
+            self.authority, self._ca_tmp = FleetAuthority.ephemeral(self.fleet_id)
+            self.credentials = self.issue("app", "local-client")
+        self._previous_default = channels.set_default_credentials(self.credentials)
         self.planner = PlannerServer("127.0.0.1:0")
-        planner_address = await self.planner.start()
+        with channels.acting_as(self.issue("planner", "planner")):
+            planner_address = await self.planner.start()
         agents = [
             AgentServer(
                 AgentSettings(
@@ -105,7 +135,8 @@ class LocalFleet:
                     announce=self.mdns,
                     cache_dir=self.cache_dir / f"agent-{i}",
                     measure_s=self.measure_s,
-                )
+                ),
+                credentials=self.issue("agent", f"{cls or 'host'}-{i}"),
             )
             for i, cls in enumerate(self.classes)
         ]
@@ -124,7 +155,10 @@ class LocalFleet:
                 # In-process agents share one event loop with their own compute: give a busy
                 # agent longer before calling it dead than a device of its own would need.
                 dead_after_s=self.dead_after_s,
-            )
+                enrol_listen="127.0.0.1:0",
+            ),
+            credentials=self.issue("coordinator", "coordinator"),
+            authority=self.authority,
         )
         await self.coordinator.start()
         await self.wait_for_agents(len(agents), timeout=timeout)
@@ -147,6 +181,9 @@ class LocalFleet:
             await self.planner.stop(0.5)
         if self._tmp is not None:
             self._tmp.cleanup()
+        if self._ca_tmp is not None:
+            self._ca_tmp.cleanup()
+        channels.set_default_credentials(self._previous_default)
 
 
 @dataclass
@@ -171,10 +208,17 @@ class SubprocessFleet:
         workdir: Path,
         mdns: bool = True,
         env: dict[str, str] | None = None,
+        secure: bool = True,
     ) -> None:
         self.classes = classes
         self.workdir = workdir
         self.mdns = mdns
+        self.secure = secure
+        #: The fleet CA's state dir (secure fleets), passed to the planner and coordinator.
+        self.state_dir = workdir / "fleet-state"
+        self.authority: FleetAuthority | None = None
+        self.credentials: Credentials | None = None
+        self._previous_default: Credentials | None = None
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.daemons: dict[str, DaemonProcess] = {}
         self.fleet_id = f"procs-{uuid.uuid4().hex[:8]}"
@@ -204,21 +248,43 @@ class SubprocessFleet:
         """Start everything; returns the coordinator's address."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         loopback = ["--mdns-interface", "127.0.0.1", "--fleet-id", self.fleet_id]
-        planner = self._start("planner", ["planner", "--listen", "127.0.0.1:0"], timeout)
+        security = ["--insecure"]
+        if self.secure:
+            if self.authority is None:
+                self.authority = FleetAuthority.init(self.state_dir, self.fleet_id)
+            security = ["--state-dir", str(self.state_dir)]
+            self.credentials = Credentials.issued_by(
+                self.authority.ca, Identity(self.fleet_id, "app", "test-client")
+            )
+            self._previous_default = channels.set_default_credentials(self.credentials)
+        planner = self._start("planner", ["planner", "--listen", "127.0.0.1:0", *security], timeout)
         agents = []
         for i, cls in enumerate(self.classes):
-            args = ["agent", "--listen", "127.0.0.1:0", "--node-id", f"{cls}-{i}"]
+            node_id = f"{cls}-{i}"
+            args = ["agent", "--listen", "127.0.0.1:0", "--node-id", node_id]
             args += ["--emulate", cls, "--cache-dir", str(self.workdir / f"cache-{i}"), *loopback]
+            args += self._agent_security(node_id, i)
             if not self.mdns:
                 args.append("--no-announce")
             agents.append(self._start(f"agent-{i}", args, timeout))
         args = ["coordinator", "--listen", "127.0.0.1:0", "--planner", planner.address, *loopback]
+        args += [*security, "--enrol-listen", "127.0.0.1:0"]
         if not self.mdns:
             args.append("--no-browse")
             for agent in agents:
                 args += ["--agent", agent.address]
         coordinator = self._start("coordinator", args, timeout)
         return coordinator.address
+
+    def _agent_security(self, node_id: str, index: int) -> list[str]:
+        """An agent's state dir holding a certificate for its node id, signed by the fleet CA
+        (the enrolment RPC itself is exercised by tests/integration/test_auth.py)."""
+        if self.authority is None:
+            return ["--insecure"]
+        state = self.workdir / f"agent-{index}-state"
+        identity = Identity(self.fleet_id, "agent", node_id)
+        save_node_credentials(state, Credentials.issued_by(self.authority.ca, identity))
+        return ["--state-dir", str(state)]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.daemons[name].process.send_signal(sig)
@@ -233,6 +299,9 @@ class SubprocessFleet:
             except subprocess.TimeoutExpired:
                 daemon.process.kill()
                 daemon.process.wait(5)
+        if self.credentials is not None:
+            channels.set_default_credentials(self._previous_default)
+            self.credentials = None
 
     def logs(self) -> str:
         return "\n".join(f"--- {d.name}\n{d.log.read_text()}" for d in self.daemons.values())
