@@ -84,12 +84,12 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class _Unset:
+class Unset:
     pass
 
 
 #: "Not given": resolve the credentials from the running call, then the process default.
-UNSET: Final = _Unset()
+UNSET: Final = Unset()
 _log = structlog.get_logger("channels")
 _process_default: Credentials | None = None
 #: Credentials each server was made with, for ``bind``.
@@ -116,8 +116,8 @@ def acting_as(credentials: Credentials | None) -> Iterator[None]:
         CURRENT_CREDENTIALS.reset(token)
 
 
-def resolve_credentials(credentials: Credentials | _Unset | None = UNSET) -> Credentials | None:
-    if not isinstance(credentials, _Unset):
+def resolve_credentials(credentials: Credentials | Unset | None = UNSET) -> Credentials | None:
+    if not isinstance(credentials, Unset):
         return credentials
     current = CURRENT_CREDENTIALS.get()
     return current if current is not None else _process_default
@@ -128,7 +128,7 @@ def create_server(
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    credentials: Credentials | _Unset | None = UNSET,
+    credentials: Credentials | Unset | None = UNSET,
     authority: FleetAuthority | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with doramesh's limits and, given credentials, its auth interceptor;
@@ -213,7 +213,7 @@ def create_channel(
     target: str,
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    credentials: Credentials | _Unset | None = UNSET,
+    credentials: Credentials | Unset | None = UNSET,
     server_name: str | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to another doramesh service. ``server_name``: the DNS SAN the server's
@@ -229,7 +229,7 @@ def create_sync_channel(
     target: str,
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    credentials: Credentials | _Unset | None = UNSET,
+    credentials: Credentials | Unset | None = UNSET,
     server_name: str | None = None,
 ) -> grpc.Channel:
     """A blocking channel (the synchronous SDK client)."""
