@@ -1,14 +1,16 @@
 """mDNS discovery with python-zeroconf: agents announce ``_doramesh._tcp.local.``, the
 coordinator browses.
 
-An announcement is a hint, never proof of identity: the coordinator admits an agent only after
-it answered ``GetProfile`` over gRPC with the same node id it announced. The browser's table is
-bounded (``max_entries``) so an mDNS flood cannot grow memory without limit.
+An announcement is a hint, never proof of identity: the coordinator admits an agent only over a
+gRPC connection whose TLS handshake proved the agent holds a fleet certificate for the node id it
+announced (see ``coordinator.server``). The browser's table and its backlog of records to
+resolve are bounded (``max_entries``) so an mDNS flood cannot grow memory without limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +53,16 @@ def lan_address(interfaces: Sequence[str] | None = None) -> str:
     return "127.0.0.1"
 
 
+def instance_name(node_id: str, fleet_id: str = "") -> str:
+    """The mDNS instance label: the node id, qualified by the fleet so two fleets on one LAN
+    (or two test fleets on one loopback) never collide on a name; at most 63 bytes."""
+    label = f"{node_id} @{fleet_id}" if fleet_id else node_id
+    if len(label.encode()) > 63:
+        digest = hashlib.sha256(label.encode()).hexdigest()[:12]
+        label = f"{label.encode()[:50].decode(errors='ignore')}-{digest}"
+    return label
+
+
 def _zeroconf(interfaces: Sequence[str] | None) -> AsyncZeroconf:
     if interfaces:
         return AsyncZeroconf(interfaces=list(interfaces), ip_version=IPVersion.V4Only)
@@ -73,7 +85,7 @@ class Announcer:
         self._zc: AsyncZeroconf | None = None
         self.info = AsyncServiceInfo(
             SERVICE_TYPE,
-            f"{node_id}.{SERVICE_TYPE}",
+            f"{instance_name(node_id, fleet_id)}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(host)],
             port=port,
             properties={
