@@ -22,9 +22,9 @@ from doramesh.channels import UNSET, Unset, acting_as, bind, create_server, reso
 from doramesh.discovery import Announcer, lan_address
 from doramesh.errors import FailedPrecondition
 from doramesh.security.credentials import Credentials
+from doramesh.streams import add_agent_servicer
 from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import DeviceProfile
-from doramesh.v1 import agent_pb2_grpc
 
 _log = structlog.get_logger("agent")
 
@@ -97,9 +97,7 @@ class AgentServer:
             pacer=ComputePacer(profile.gflops if s.emulate else None),
             device=s.device,
         )
-        agent_pb2_grpc.add_AgentServicer_to_server(
-            AgentServicer(profile, self.runtime), self._server
-        )
+        add_agent_servicer(AgentServicer(profile, self.runtime), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
         for name in ("", AGENT_SERVICE):

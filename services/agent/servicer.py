@@ -26,7 +26,7 @@ from doramesh.convert import profile_to_pb
 from doramesh.errors import Cancelled, DoraMeshError, FailedPrecondition, InvalidArgument
 from doramesh.servicing import unary_errors
 from doramesh.streams import MAX_TENSOR_BYTES, fan_out
-from doramesh.tensors import FrameAssembler, iter_frames
+from doramesh.tensors import Frame, FrameAssembler, iter_frames, iter_wire_frames
 from doramesh.training import TrainPart, optimizer_from_pb, tagged_frames, train_fan_out
 from doramesh.types import DeviceProfile
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -156,26 +156,27 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     async def Forward(
         self,
-        request_iterator: AsyncIterator[agent_pb2.ActivationFrame],
+        request_iterator: AsyncIterator[Frame],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[agent_pb2.ActivationFrame]:
+    ) -> AsyncIterator[Frame]:
         """Assemble microbatches, run them through this stage and the rest of the pipeline,
         answer with each one's final result.
 
         A malformed frame ends the whole stream with its status (the sender is broken); a failure
         of one microbatch (bad shape for this stage, a dead downstream peer) is answered as an
-        error frame for that microbatch and the stream goes on.
+        error frame for that microbatch and the stream goes on. Frames come and go through the
+        frame codec (``streams.add_agent_servicer``).
         """
-        out: asyncio.Queue[agent_pb2.ActivationFrame | BaseException | None] = asyncio.Queue()
+        out: asyncio.Queue[Frame | BaseException | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_STREAM)
 
         async def handle(header: agent_pb2.ActivationHeader, x: torch.Tensor) -> None:
             try:
-                stage = self.runtime.get(header.stage_id, header.plan_epoch)
                 if self.runtime.is_cancelled(header.request_id):
                     self.runtime.cancelled_microbatches += 1
                     raise Cancelled(f"request {header.request_id!r} was cancelled")
+                stage = self.runtime.get(header.stage_id, header.plan_epoch)
                 if header.HasField("train"):
                     async for frame in self._train_part(stage, header, x):
                         await out.put(frame)
@@ -194,7 +195,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         request_id=header.request_id,
                     )
                     y, compute_ms = result.tensor, compute_ms + result.compute_ms
-                for frame in iter_frames(
+                for wire in iter_wire_frames(
                     y,
                     stage_id=header.stage_id,
                     plan_epoch=header.plan_epoch,
@@ -202,14 +203,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     microbatch_id=header.microbatch_id,
                     compute_ms=compute_ms,
                 ):
-                    await out.put(frame)
+                    await out.put(wire)
             except DoraMeshError as err:
                 await out.put(_error_frame(header, err))
-            except Exception as err:  # one microbatch must not take the stream down
             except asyncio.CancelledError:
                 # Dropped by CancelRequest (or the stream ended): tell the sender, whose own
                 # work for the request is being dropped too, so nothing waits on it.
                 out.put_nowait(_error_frame(header, Cancelled("request cancelled")))
+            except Exception as err:  # one microbatch must not take the stream down
                 _log.exception("microbatch failed", stage_id=header.stage_id)
                 await out.put(_error_frame(header, DoraMeshError(f"internal error: {err}")))
             finally:
@@ -228,8 +229,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     task = asyncio.create_task(handle(*done))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                if tasks:
                     self.runtime.track(done[0].request_id, task)
+                if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
                 await out.put(None)
             except DoraMeshError as err:
@@ -375,7 +376,6 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 yield frame
 
     @unary_errors
-    @unary_errors
     async def GetStats(
         self, request: agent_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.AgentStats:
@@ -433,6 +433,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         _log.info("slowdown set", slowdown=request.slowdown)
         return agent_pb2.SetSlowdownResponse(slowdown=self.runtime.pacer.slowdown)
 
+    @unary_errors
     async def SaveCheckpoint(
         self, request: agent_pb2.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.SaveCheckpointResponse:

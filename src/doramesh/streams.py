@@ -6,13 +6,18 @@ multiplexed over it. Each microbatch gets a link-local id; the peer answers with
 final result for that id. Outgoing chunks are paced by the flow's token bucket. When the stream
 breaks (the peer died, a partition), every microbatch in flight fails with ``Unavailable`` and
 the next send opens a fresh stream: replaying the work is the caller's decision.
+
+Both ends of ``Forward`` use the frame codec of ``doramesh.tensors`` (``encode_frame`` /
+``decode_frame``) instead of protobuf's objects, so a chunk is copied once on its way out and once
+on its way in; the bytes on the wire are the same ``ActivationFrame`` messages. ``PeerLink`` opens
+the stream with that codec and ``add_agent_servicer`` registers the agent's servicer with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,7 +27,14 @@ import torch
 
 from doramesh.channels import CHUNK_BYTES, MAX_MESSAGE_BYTES, create_channel
 from doramesh.errors import DoraMeshError, Unavailable, error_for
-from doramesh.tensors import FrameAssembler, iter_frames
+from doramesh.tensors import (
+    ChunkFrame,
+    Frame,
+    FrameAssembler,
+    decode_frame,
+    encode_frame,
+    iter_wire_frames,
+)
 from doramesh.tokenbucket import TokenBucket
 from doramesh.v1 import agent_pb2, agent_pb2_grpc
 
@@ -30,6 +42,55 @@ _log = structlog.get_logger("streams")
 
 #: The largest tensor a stream accepts (the final result of a pipeline, e.g. LLM logits).
 MAX_TENSOR_BYTES = 1 << 30
+
+
+_AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+#: The method path of ``Agent.Forward``, the activation stream.
+FORWARD_METHOD = f"/{_AGENT_SERVICE}/Forward"
+
+
+class _ForwardCodecServer:
+    """Stands in for a server while the generated code registers the Agent service, and swaps
+    ``Forward``'s protobuf codec for the frame codec."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    @staticmethod
+    def _swap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method not in ("Forward", FORWARD_METHOD) or handler.stream_stream is None:
+            return handler
+        return grpc.stream_stream_rpc_method_handler(
+            handler.stream_stream,
+            request_deserializer=decode_frame,
+            response_serializer=encode_frame,
+        )
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        swap = self._swap
+
+        class Swapped(grpc.GenericRpcHandler):
+            def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+                self._inner = inner
+
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                handler = self._inner.service(details)
+                return None if handler is None else swap(details.method, handler)
+
+        self._server.add_generic_rpc_handlers([Swapped(h) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._swap(name, h) for name, h in handlers.items()}
+        )
+
+
+def add_agent_servicer(servicer: agent_pb2_grpc.AgentServicer, server: grpc.aio.Server) -> None:
+    """``add_AgentServicer_to_server``, with ``Forward`` on the frame codec: its handler receives
+    ``Frame`` values (chunks as views) and may yield ``ChunkFrame`` values."""
+    agent_pb2_grpc.add_AgentServicer_to_server(servicer, _ForwardCodecServer(server))
 
 
 #: A peer's answer to one microbatch: its header (compute time, a training loss) and tensor.
@@ -51,14 +112,16 @@ class PeerLink:
         *,
         bucket: TokenBucket | None = None,
         max_tensor_bytes: int = MAX_TENSOR_BYTES,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
+        if not 0 < chunk_bytes <= CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {CHUNK_BYTES}], not {chunk_bytes}")
         self.address = address
         self.bucket = bucket
+        self._chunk_bytes = chunk_bytes
         self._max_tensor_bytes = max_tensor_bytes
         self._channel: grpc.aio.Channel | None = None
-        self._call: (
-            grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame] | None
-        ) = None
+        self._call: grpc.aio.StreamStreamCall[Frame, Frame] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[
             int, asyncio.Future[tuple[agent_pb2.ActivationHeader, torch.Tensor]]
@@ -68,24 +131,23 @@ class PeerLink:
         self._open_lock = asyncio.Lock()
         self.bytes_sent = 0
 
-    async def _ensure_open(
-        self,
-    ) -> grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame]:
+    async def _ensure_open(self) -> grpc.aio.StreamStreamCall[Frame, Frame]:
         async with self._open_lock:
             if self._call is not None and not self._call.done():
                 return self._call
             if self._channel is None:
                 self._channel = create_channel(self.address, max_message_bytes=MAX_MESSAGE_BYTES)
-            stub = agent_pb2_grpc.AgentStub(self._channel)
-            call = stub.Forward(wait_for_ready=False)
+            forward = self._channel.stream_stream(
+                FORWARD_METHOD,
+                request_serializer=encode_frame,
+                response_deserializer=decode_frame,
+            )
+            call: grpc.aio.StreamStreamCall[Frame, Frame] = forward(wait_for_ready=False)
             self._call = call
             self._reader = asyncio.create_task(self._read(call))
             return call
 
-    async def _read(
-        self,
-        call: grpc.aio.StreamStreamCall[agent_pb2.ActivationFrame, agent_pb2.ActivationFrame],
-    ) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall[Frame, Frame]) -> None:
         assembler = FrameAssembler(self._max_tensor_bytes, max_chunk_bytes=CHUNK_BYTES)
         failure: DoraMeshError
         try:
@@ -94,7 +156,11 @@ class PeerLink:
                 if frame is grpc.aio.EOF:
                     failure = Unavailable(f"peer {self.address} closed the stream")
                     break
-                if frame.HasField("header") and frame.header.error:
+                if (
+                    not isinstance(frame, ChunkFrame)
+                    and frame.HasField("header")
+                    and frame.header.error
+                ):
                     fut = self._pending.pop(frame.header.microbatch_id, None)
                     if fut is not None and not fut.done():
                         fut.set_exception(error_for(frame.header.error_code, frame.header.error))
@@ -162,20 +228,24 @@ class PeerLink:
         self._pending[mb_id] = fut
         try:
             async with self._write_lock:
-                for frame in iter_frames(
+                for frame in iter_wire_frames(
                     tensor,
                     stage_id=stage_id,
                     plan_epoch=plan_epoch,
                     request_id=request_id,
                     microbatch_id=mb_id,
+                    chunk_bytes=self._chunk_bytes,
                 ):
-                    if frame.HasField("header") and tag is not None:
-                        tag(frame.header)
-                    if self.bucket is not None and frame.HasField("chunk"):
-                        await self.bucket.acquire(len(frame.chunk.data))
+                    if not isinstance(frame, ChunkFrame):
+                        if tag is not None:
+                            tag(frame.header)
+                        await call.write(frame)
+                        continue
+                    size = len(frame.data)
+                    if self.bucket is not None:
+                        await self.bucket.acquire(size)
                     await call.write(frame)
-                    if frame.HasField("chunk"):
-                        self.bytes_sent += len(frame.chunk.data)
+                    self.bytes_sent += size
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
             self._pending.pop(mb_id, None)
             raise Unavailable(f"could not send to {self.address}: {err}") from err

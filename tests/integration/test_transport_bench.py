@@ -18,6 +18,7 @@ from rich.console import Console
 from doramesh import channels
 from doramesh.bench import transport
 from doramesh.bench.transport import main, render_table, run_transport_bench
+from doramesh.streams import add_agent_servicer
 from doramesh.tensors import iter_frames
 from doramesh.v1 import agent_pb2, agent_pb2_grpc
 
@@ -67,9 +68,10 @@ def test_main_prints_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 async def test_bench_sink_refuses_malformed_streams() -> None:
-    # The harness uses the production assembler, so a bad frame ends the stream with a status.
+    # The harness uses the production codec and assembler, so a bad frame ends the stream with a
+    # status; the client here is protobuf's own codec, as any other peer's could be.
     server = channels.create_server("bench-sink-test")
-    agent_pb2_grpc.add_AgentServicer_to_server(
+    add_agent_servicer(
         transport.TransportBenchSink(max_tensor_bytes=MIB, max_chunk_bytes=64 * KIB), server
     )
     address = channels.bind(server, "127.0.0.1:0")

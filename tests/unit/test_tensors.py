@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,9 +17,14 @@ from doramesh.errors import DoraMeshError, InvalidArgument, ResourceExhausted
 from doramesh.tensors import (
     DTYPES,
     MAX_DIMS,
+    ChunkFrame,
+    Frame,
     FrameAssembler,
+    decode_frame,
     dtype_name,
+    encode_frame,
     iter_frames,
+    iter_wire_frames,
     meta_of,
     tensor_from_pb,
     tensor_to_pb,
@@ -48,7 +54,7 @@ def frames_of(t: torch.Tensor, mb: int = 0, **kw: int) -> list[agent_pb2.Activat
 
 
 def assemble(
-    frames: Iterable[agent_pb2.ActivationFrame], assembler: FrameAssembler | None = None
+    frames: Iterable[Frame], assembler: FrameAssembler | None = None
 ) -> list[tuple[agent_pb2.ActivationHeader, torch.Tensor]]:
     asm = assembler or FrameAssembler(max_tensor_bytes=64 * MIB)
     done = []
@@ -479,3 +485,79 @@ def test_garbage_whole_tensors_only_raise_doramesh_errors(
     except DoraMeshError:
         return
     assert t.numel() * t.element_size() == len(data)
+
+
+# --- the frame codec (chunks as views) ------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(mb=_UINT64, offset=_UINT64, data=st.binary(max_size=300))
+def test_encoded_chunk_is_protobufs_own_encoding(mb: int, offset: int, data: bytes) -> None:
+    as_pb = chunk(mb, offset, data)
+    wire = encode_frame(ChunkFrame(mb, offset, memoryview(data)))
+    assert wire == as_pb.SerializeToString()
+    assert agent_pb2.ActivationFrame.FromString(wire) == as_pb
+    back = decode_frame(wire)
+    if data:
+        assert isinstance(back, ChunkFrame)
+        assert (back.microbatch_id, back.offset, bytes(back.data)) == (mb, offset, data)
+    else:  # an empty chunk is left to protobuf (and refused by the assembler)
+        assert back == as_pb
+
+
+def test_decoded_chunk_views_the_message_without_copying() -> None:
+    wire = encode_frame(ChunkFrame(3, 8, memoryview(b"abcdefgh")))
+    back = decode_frame(wire)
+    assert isinstance(back, ChunkFrame) and isinstance(back.data, memoryview)
+    assert back.data.obj is wire
+
+
+def test_headers_and_unusual_chunk_encodings_go_through_protobuf() -> None:
+    hdr = header(1, "float32", [2], 8)
+    assert decode_frame(hdr.SerializeToString()) == hdr
+    # Fields out of order, repeated, or followed by an unknown field are valid protobuf; the
+    # codec leaves them to protobuf, which reads them as any peer would.
+    inner_swapped = b"\x10\x04\x08\x02\x1a\x02hi"
+    inner_repeated = b"\x08\x01\x08\x02\x1a\x02hi"
+    inner_unknown = b"\x08\x02\x1a\x02hi\x20\x05"
+    for inner in (inner_swapped, inner_repeated, inner_unknown):
+        wire = b"\x12" + bytes([len(inner)]) + inner
+        back = decode_frame(wire)
+        assert isinstance(back, agent_pb2.ActivationFrame)
+        assert back == agent_pb2.ActivationFrame.FromString(wire)
+        assert back.chunk.microbatch_id == 2 and back.chunk.data == b"hi"
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire=st.binary(max_size=40))
+def test_garbage_bytes_decode_to_a_frame_or_a_decode_error(wire: bytes) -> None:
+    try:
+        frame = decode_frame(wire)
+    except DecodeError:
+        return
+    if isinstance(frame, ChunkFrame):
+        assert agent_pb2.ActivationFrame.FromString(wire) == frame.to_pb()
+    asm = FrameAssembler(max_tensor_bytes=4096, max_chunk_bytes=64, max_pending=3)
+    try:
+        asm.feed(frame)
+    except DoraMeshError:
+        pass
+
+
+def test_wire_frames_round_trip_through_the_codec() -> None:
+    t = sample(torch.float32, (3, 5), seed=4)
+    frames = list(
+        iter_wire_frames(
+            t, stage_id="s", plan_epoch=1, request_id="r", microbatch_id=7, chunk_bytes=16
+        )
+    )
+    assert isinstance(frames[0], agent_pb2.ActivationFrame)
+    assert all(isinstance(f, ChunkFrame) for f in frames[1:])
+    assert [encode_frame(f) for f in frames] == [
+        f.SerializeToString()
+        for f in iter_frames(
+            t, stage_id="s", plan_epoch=1, request_id="r", microbatch_id=7, chunk_bytes=16
+        )
+    ]
+    ((hdr, back),) = assemble(decode_frame(encode_frame(f)) for f in frames)
+    assert hdr.microbatch_id == 7 and torch.equal(back, t)

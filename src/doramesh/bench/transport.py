@@ -1,13 +1,14 @@
 """``doramesh bench transport``: what the activation path costs compared with a bare socket.
 
 Activations travel peer to peer as ~1 MiB chunk frames over a bidirectional gRPC stream. This
-benchmark measures that path with the production pieces (``channels.create_server`` /
-``create_channel`` and their message limits, ``iter_frames``, ``FrameAssembler``) against the
-best a hand-written transport could do on the same host: a raw TCP socket that sends the tensor's
-bytes with a length prefix and lands them in a preallocated buffer. Both run the same workload
-(one tensor per microbatch, a window of microbatches in flight, a tiny ack per tensor), so their
-ratio is the price of gRPC, protobuf and the codec. It also measures the round trip of one small
-tensor, which bounds the per-hop latency of a pipeline.
+benchmark measures that path as agents run it: the sender is a ``PeerLink`` (its channel, frame
+codec and write path), the receiver is registered with ``add_agent_servicer`` on a server from
+``channels.create_server`` and assembles every microbatch with ``FrameAssembler``; it compares
+that with the best a hand-written transport could do on the same host: a raw TCP socket that
+sends the tensor's bytes with a length prefix and lands them in a preallocated buffer. Both run
+the same workload (one tensor per microbatch, a window of microbatches in flight, a tiny answer
+per tensor), so their ratio is the price of gRPC, HTTP/2 and the codec. It also measures the
+round trip of one small tensor, which bounds the per-hop latency of a pipeline.
 
 The receiving side runs in a separate process, as a peer agent would: in one process the sender
 and receiver would share one interpreter lock and the figures would describe that, not the wire.
@@ -39,7 +40,8 @@ from rich.table import Table
 from doramesh import channels
 from doramesh.channels import CHUNK_BYTES
 from doramesh.servicing import stream_errors
-from doramesh.tensors import FrameAssembler, iter_frames, tune_allocator_for_streaming
+from doramesh.streams import PeerLink, add_agent_servicer
+from doramesh.tensors import Frame, FrameAssembler, tune_allocator_for_streaming
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 _log = structlog.get_logger("bench.transport")
@@ -60,8 +62,6 @@ _STAGE_ID = "bench-transport"
 _SINK_START_TIMEOUT_S = 120.0
 #: Deadline of each benchmark stream: generous, but a wedged sink must not hang the bench.
 _STREAM_DEADLINE_S = 600.0
-#: grpc.aio's end-of-stream marker (missing from the type stubs).
-_EOF: object = grpc.aio.EOF
 
 
 # --- the receiving side (a separate process) -------------------------------------------------
@@ -81,9 +81,9 @@ class TransportBenchSink(agent_pb2_grpc.AgentServicer):
     @stream_errors
     async def Forward(
         self,
-        request_iterator: AsyncIterator[agent_pb2.ActivationFrame],
+        request_iterator: AsyncIterator[Frame],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[agent_pb2.ActivationFrame]:
+    ) -> AsyncIterator[Frame]:
         assembler = FrameAssembler(self._max_tensor_bytes, self._max_chunk_bytes)
         async for frame in request_iterator:
             done = assembler.feed(frame)
@@ -145,9 +145,7 @@ async def _serve_sinks(
     conn: multiprocessing.connection.Connection, max_tensor_bytes: int, chunk_bytes: int
 ) -> None:
     server = channels.create_server("bench-transport-sink")
-    agent_pb2_grpc.add_AgentServicer_to_server(
-        TransportBenchSink(max_tensor_bytes, chunk_bytes), server
-    )
+    add_agent_servicer(TransportBenchSink(max_tensor_bytes, chunk_bytes), server)
     grpc_address = channels.bind(server, "127.0.0.1:0")
     await server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -234,67 +232,43 @@ def _payload(nbytes: int) -> torch.Tensor:
 
 
 async def _grpc_goodput(
-    stub: agent_pb2_grpc.AgentStub,
-    tensor: torch.Tensor,
-    *,
-    seconds: float,
-    window: int,
-    chunk_bytes: int,
+    link: PeerLink, tensor: torch.Tensor, *, seconds: float, window: int
 ) -> float:
-    """Bytes per second acked over one ``Forward`` stream with ``window`` microbatches in flight."""
+    """Bytes per second acked over a ``PeerLink`` with ``window`` microbatches in flight.
+
+    ``window`` tasks each send a microbatch and await its answer, as the stages of a pipeline
+    share one link; their frames are interleaved per microbatch by the link's write lock.
+    """
     nbytes = tensor.numel() * tensor.element_size()
-    call = stub.Forward(timeout=_STREAM_DEADLINE_S)
-    slots = asyncio.Semaphore(window)
     acked = 0
     last_ack = time.perf_counter()
-    warmed = asyncio.Event()
+    measuring = False
+    deadline = 0.0
 
-    async def read_acks() -> None:
+    async def send_one() -> None:
         nonlocal acked, last_ack
-        while True:
-            frame = await call.read()
-            if frame is _EOF:
-                return
-            acked += 1
-            last_ack = time.perf_counter()
-            slots.release()
-            if acked == window:
-                warmed.set()
-
-    async def send(mb: int) -> None:
-        await slots.acquire()
-        for frame in iter_frames(
+        await link.exchange(
             tensor,
             stage_id=_STAGE_ID,
             plan_epoch=0,
             request_id="bench",
-            microbatch_id=mb,
-            chunk_bytes=chunk_bytes,
-        ):
-            await call.write(frame)
+            timeout=_STREAM_DEADLINE_S,
+        )
+        last_ack = time.perf_counter()
+        if measuring:
+            acked += 1
 
-    reader = asyncio.create_task(read_acks())
-    try:
-        # Warm up (connection, allocator, HTTP/2 windows) and start from an empty pipeline.
-        for mb in range(window):
-            await send(mb)
-        await warmed.wait()
-        start = time.perf_counter()
-        deadline = start + seconds
-        mb = window
-        while True:  # at least one measured microbatch, however short the run
-            await send(mb)
-            mb += 1
-            if time.perf_counter() >= deadline:
-                break
-        await call.done_writing()
-        await reader
-    finally:
-        if not reader.done():
-            reader.cancel()
-            call.cancel()
-    measured = acked - window
-    return measured * nbytes / max(last_ack - start, 1e-9)
+    async def sender() -> None:
+        while time.perf_counter() < deadline:
+            await send_one()
+
+    # Warm up (connection, allocator, HTTP/2 windows), then measure from an empty pipeline.
+    await asyncio.gather(*(send_one() for _ in range(window)))
+    measuring = True
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(sender() for _ in range(window)))
+    return acked * nbytes / max(last_ack - start, 1e-9)
 
 
 def _raw_tcp_goodput(port: int, tensor: torch.Tensor, *, seconds: float, window: int) -> float:
@@ -356,25 +330,22 @@ def _raw_tcp_goodput(port: int, tensor: torch.Tensor, *, seconds: float, window:
     return measured * len(view) / max(last_ack - start, 1e-9)
 
 
-async def _grpc_round_trips(stub: agent_pb2_grpc.AgentStub, iterations: int) -> list[float]:
-    """Seconds to send one small tensor and receive its ack, one at a time on one stream."""
+async def _grpc_round_trips(link: PeerLink, iterations: int) -> list[float]:
+    """Seconds to send one small tensor and receive its answer, one at a time on one link."""
     tensor = _payload(LATENCY_BYTES)
-    call = stub.Forward(timeout=_STREAM_DEADLINE_S)
     times: list[float] = []
     warmup = 10
     for i in range(warmup + iterations):
         t0 = time.perf_counter()
-        for frame in iter_frames(
-            tensor, stage_id=_STAGE_ID, plan_epoch=0, request_id="bench", microbatch_id=i
-        ):
-            await call.write(frame)
-        ack = await call.read()
-        if ack is _EOF:
-            raise RuntimeError("benchmark sink closed the stream")
+        await link.exchange(
+            tensor,
+            stage_id=_STAGE_ID,
+            plan_epoch=0,
+            request_id="bench",
+            timeout=_STREAM_DEADLINE_S,
+        )
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    await call.done_writing()
-    await call.read()
     return times
 
 
@@ -431,9 +402,8 @@ async def run_transport_bench(
         grpc_address,
         raw_port,
     ):
-        async with channels.create_channel(grpc_address) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
-            await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
+        link = PeerLink(grpc_address, chunk_bytes=chunk_bytes)
+        try:
             for nbytes in sizes:
                 tensor = _payload(nbytes)
                 actual = tensor.numel() * tensor.element_size()
@@ -444,9 +414,7 @@ async def run_transport_bench(
                 raw_runs: list[float] = []
                 for _ in range(rounds):
                     grpc_runs.append(
-                        await _grpc_goodput(
-                            stub, tensor, seconds=seconds, window=window, chunk_bytes=chunk_bytes
-                        )
+                        await _grpc_goodput(link, tensor, seconds=seconds, window=window)
                     )
                     raw_runs.append(
                         await asyncio.to_thread(
@@ -472,7 +440,9 @@ async def run_transport_bench(
                     raw_tcp_mb_per_s=row["raw_tcp_mb_per_s"],
                 )
                 rows.append(row)
-            grpc_times = await _grpc_round_trips(stub, latency_iterations)
+            grpc_times = await _grpc_round_trips(link, latency_iterations)
+        finally:
+            await link.close()
         raw_times = await asyncio.to_thread(_raw_round_trips, raw_port, latency_iterations)
     grpc_p50, grpc_p95 = _percentiles_ms(grpc_times)
     raw_p50, raw_p95 = _percentiles_ms(raw_times)
