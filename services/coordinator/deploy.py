@@ -582,18 +582,52 @@ class Deployer:
     async def infer(
         self, model: str, x: torch.Tensor, *, request_id: str, timeout_s: float
     ) -> tuple[StageResult, Deployment, float]:
-        """Run one request on one of the model's live plans, chosen by the adapter's shares.
+        """Run one request on the model's live plans: with several plans, a request larger than
+        a microbatch is cut into microbatches, each sent to the plan the adapter's shares pick,
+        and the answers joined in order. Returns the result, the plan of its first microbatch
+        and the latency.
 
-        If an agent on the path fails (its stream breaks) or the plan was retired meanwhile
-        (its agents refuse the old epoch), the request is replayed on another live plan (a new
-        one when none is left): inference is idempotent, and the caller gets exactly one result
-        per request because only this call delivers it. A caller that goes away (cancelled,
-        deadline) has its request dropped on the agents too.
+        If an agent on a microbatch's path fails (its stream breaks) or the plan was retired
+        meanwhile (its agents refuse the old epoch), that microbatch is replayed on another
+        live plan (a new one when none is left): inference is idempotent, and the caller gets
+        exactly one result per request because only this call delivers it. A caller that goes
+        away (cancelled, deadline) has its microbatches dropped on the agents too.
         """
         self.check_input(model, x)
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        # The fleet sees its own id per request: callers' ids (stream positions) repeat.
+        live = self.live.get(model)
+        size = x.shape[0]
+        if live is not None and len(live.plans) > 1:
+            size = max(1, min(d.plan.microbatch for d in live.plans.values()))
+        if x.shape[0] <= size:
+            result, dep = await self._microbatch(model, x, request_id, deadline, timeout_s)
+        else:
+            tasks = [
+                asyncio.ensure_future(
+                    self._microbatch(model, part.contiguous(), request_id, deadline, timeout_s)
+                )
+                for part in torch.split(x, size)
+            ]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:
+                # One microbatch failed for good (or the caller left): drop the others too.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            result = StageResult(
+                torch.cat([r.tensor for r, _ in outs]), max(r.compute_ms for r, _ in outs)
+            )
+            dep = outs[0][1]
+        return result, dep, (time.perf_counter() - start) * 1e3
+
+    async def _microbatch(
+        self, model: str, x: torch.Tensor, request_id: str, deadline: float, timeout_s: float
+    ) -> tuple[StageResult, Deployment]:
+        """One microbatch on the plan the shares pick, replayed on another after a failure."""
+        # The fleet sees its own id per microbatch: callers' ids (stream positions) repeat.
         fleet_id = uuid.uuid4().hex
         failed_on: set[int] = set()
         for attempt in range(MAX_REPLAYS + 1):
@@ -603,6 +637,7 @@ class Deployer:
             live = self.live_set(model)
             dep = live.pick(exclude=failed_on if len(failed_on) < len(live.plans) else set())
             remaining = deadline - time.monotonic()
+            start = time.perf_counter()
             live.started(dep)
             ok = False
             try:
@@ -644,7 +679,7 @@ class Deployer:
                 live.finished(dep, latency_ms if ok else None)
             dep.served += 1
             dep.latencies_ms.append(latency_ms)
-            return result, dep, latency_ms
+            return result, dep
         raise AssertionError("unreachable")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

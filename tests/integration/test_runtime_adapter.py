@@ -284,3 +284,21 @@ async def test_an_agent_dying_under_two_plans_costs_no_request() -> None:
     assert dropped, "the dead agent's plan was dropped with a re-weight"
     assert all(b not in d.plan.device_ids for d in status.live)
     assert status.replan_live_s
+
+
+async def test_a_request_is_split_into_microbatches_across_plans(fleet: LocalFleet) -> None:
+    a, b = (agent.settings.node_id for agent in fleet.agents)
+    coordinator = fleet.coordinator
+    assert coordinator is not None and coordinator.deployer is not None
+    async with AsyncClient(fleet.address, timeout=60) as client:
+        await client.deploy(MODEL, seed=8, plans=[whole_model_plan(a), whole_model_plan(b)])
+        live = coordinator.deployer.live[MODEL]
+        x = models.example_input(MODEL, 6, seed=9, sample_shape=SHAPE)
+        got = await client.infer(MODEL, x)
+    # Six microbatches of one sample, spread by the shares (near 1/2 each: equal devices,
+    # profiled on a busy host).
+    served = [d.served for d in live.plans.values()]
+    assert sum(served) == 6 and min(served) >= 2, served
+    with torch.inference_mode():
+        want = models.build_blocks(MODEL, 8)(x)
+    assert (got - want).abs().max().item() <= TOLERANCE
