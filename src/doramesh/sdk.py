@@ -92,6 +92,8 @@ class DeploymentView:
     plan: Plan
     status: str
     error: str
+    #: Share of the model's requests this plan serves, as the runtime adapter last set it.
+    share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +101,6 @@ class InferResult:
     output: torch.Tensor
     request_id: str
     plan_epoch: int
-    #: Share of the model's requests this plan serves, as the runtime adapter last set it.
-    share: float = 0.0
     latency_ms: float
     compute_ms: float
 
@@ -112,13 +112,6 @@ class JobStatus:
     requests_failed: int
     latency_ms_p50: float
     latency_ms_p95: float
-
-
-@dataclass(frozen=True, slots=True)
-class TrainProgress:
-    """One completed step of a training job."""
-
-    job_id: str
     #: Every live plan of the model (several run side by side), with its share.
     live: tuple[DeploymentView, ...] = ()
     #: Times the runtime adapter moved the shares.
@@ -126,6 +119,13 @@ class TrainProgress:
     requests_replayed: int = 0
     #: Per background re-planning, seconds until its plans were live.
     replan_live_s: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TrainProgress:
+    """One completed step of a training job."""
+
+    job_id: str
     step: int
     last_step: int
     loss: float
@@ -249,6 +249,8 @@ def _deploy_request(
     workload: Workload | None,
     planner: str,
     plan: Plan | None = None,
+    max_plans: int = 0,
+    plans: Sequence[Plan] = (),
 ) -> coordinator_pb2.DeployRequest:
     req = coordinator_pb2.DeployRequest(
         model=model,
@@ -262,8 +264,6 @@ def _deploy_request(
     if qoe is not None:
         req.qoe.CopyFrom(convert.qoe_to_pb(qoe))
     if workload is not None:
-    max_plans: int = 0,
-    plans: Sequence[Plan] = (),
         req.workload.CopyFrom(convert.workload_to_pb(workload))
     return req
 
@@ -319,6 +319,8 @@ class Client:
         workload: Workload | None = None,
         planner: str = "doramesh",
         plan: Plan | None = None,
+        max_plans: int = 0,
+        plans: Sequence[Plan] = (),
         timeout: float | None = None,
     ) -> DeploymentView:
         """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given); with
@@ -338,8 +340,6 @@ class Client:
         self, model: str, x: torch.Tensor, *, request_id: str = "", timeout: float | None = None
     ) -> InferResult:
         try:
-        max_plans: int = 0,
-        plans: Sequence[Plan] = (),
             resp = self._stub.Infer(_infer_request(model, x, request_id), timeout=self._t(timeout))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -353,11 +353,15 @@ class Client:
     ) -> Iterator[InferResult]:
         """Stream requests through the fleet, pipelined; results come back in request order."""
         requests = (_infer_request(model, x, str(i)) for i, x in enumerate(inputs))
+        call = self._stub.InferStream(requests, timeout=self._t(timeout))
         try:
-            for resp in self._stub.InferStream(requests, timeout=self._t(timeout)):
+            for resp in call:
                 yield _infer_result(resp)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            # A consumer that stops early cancels the rest: the fleet drops their work.
+            call.cancel()
 
     def train(
         self,
@@ -479,6 +483,8 @@ class AsyncClient:
         workload: Workload | None = None,
         planner: str = "doramesh",
         plan: Plan | None = None,
+        max_plans: int = 0,
+        plans: Sequence[Plan] = (),
         timeout: float | None = None,
     ) -> DeploymentView:
         """Plan and deploy ``model`` on the fleet (or deploy ``plan`` as given); with
@@ -504,8 +510,6 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return _infer_result(resp)
-        max_plans: int = 0,
-        plans: Sequence[Plan] = (),
 
     async def infer(
         self, model: str, x: torch.Tensor, *, timeout: float | None = None
@@ -522,6 +526,9 @@ class AsyncClient:
                 yield _infer_result(resp)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            # A consumer that stops early cancels the rest: the fleet drops their work.
+            call.cancel()
 
     async def train(
         self,
@@ -543,9 +550,6 @@ class AsyncClient:
         checkpoint_every: int = 0,
         resume_from: str = "",
         job_id: str = "",
-        finally:
-            # A consumer that stops early cancels the rest: the fleet drops their work.
-            call.cancel()
         dataset_batches: int = 0,
         timeout: float | None = None,
     ) -> AsyncIterator[TrainProgress]:
