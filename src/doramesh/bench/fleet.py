@@ -45,9 +45,9 @@ CAPACITY_REQUESTS = 24
 WARMUP_REQUESTS = 4
 #: Effective GFLOP/s of one agent thread on this host that the dilation plans for: well below
 #: what a core does alone (about 80), because the box's two cores are shared.
-HOST_GFLOPS_PER_AGENT = 20.0
+HOST_GFLOPS_PER_AGENT = 15.0
 #: The same for the whole box, over all agents at once.
-HOST_GFLOPS_TOTAL = 30.0
+HOST_GFLOPS_TOTAL = 15.0
 MAX_VIOLATION_RATE = 0.05
 
 
@@ -131,7 +131,9 @@ def choose_dilation(scenario: Any, plans: Sequence[Plan]) -> float:
     gflops = {d.node_id: d.gflops for d in scenario.devices}
     per_sample = sum(layer.gflops for layer in scenario.model.layers)
     fastest = max((gflops[d] for p in plans for d in p.device_ids), default=1.0)
-    load = per_sample * max(scenario.workload.rate_rps, 1.0)
+    # the capacity phase runs flat out: the load is the plans' throughput, not only the rate
+    fastest_rate = max((p.predicted.throughput_sps for p in plans), default=1.0)
+    load = per_sample * max(scenario.workload.rate_rps, fastest_rate, 1.0)
     return float(max(1, math.ceil(max(fastest / HOST_GFLOPS_PER_AGENT, load / HOST_GFLOPS_TOTAL))))
 
 
@@ -176,6 +178,23 @@ def _link_rate_for(scenario: Any, node_id: str) -> float:
         return float(net.bandwidth_mbps)
     rates = [lk.bandwidth_mbps for lk in net.links if node_id in (lk.a, lk.b)]
     return float(max(rates)) if rates else float(net.bandwidth_mbps)
+
+
+def dilate(tb: Any, scenario: Any, k: float) -> dict[str, float]:
+    """Slow every agent so it computes at 1/k of its scenario device's speed.
+
+    An emulating agent on a host slower than its device reports (and paces to) the host's
+    speed, so its slowdown is ``k`` times its reported speed over the device's.
+    """
+    from doramesh.sdk import Client
+
+    with Client(tb.coordinator_address, timeout=10) as client:
+        reported = {a.profile.node_id: a.profile.gflops for a in client.fleet()}
+    slowdowns = {}
+    for d in scenario.devices:
+        slowdowns[d.node_id] = k * reported[d.node_id] / d.gflops
+        tb.slow(d.node_id, slowdowns[d.node_id])
+    return slowdowns
 
 
 def run_planner_on_testbed(
@@ -286,8 +305,7 @@ def run_scenario(
     k = dilation or choose_dilation(scenario, list(plans.values()))
     records = []
     with Testbed.from_scenario(scenario, dilation=k, shape_coordinator=False) as tb:
-        for h in tb.hosts:
-            tb.slow(h.node_id, k)
+        slowdowns = dilate(tb, scenario, k)
         for name in planners:
             if name not in plans:
                 records.append(
@@ -310,6 +328,7 @@ def run_scenario(
                     "objective": scenario.qoe.objective,
                     "feasible": True,
                     "dilation": k,
+                    "agent_slowdowns": slowdowns,
                     "measured": measured.to_json(),
                     "predicted": {
                         "latency_ms_p50": pred.latency_ms,
