@@ -35,7 +35,13 @@ from doramesh.security.enrolment import EnrolmentServicer
 from doramesh.security.identity import server_name
 from doramesh.tensors import tune_allocator_for_streaming
 from doramesh.types import Network, NodeId
-from doramesh.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2_grpc, security_pb2_grpc
+from doramesh.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    coordinator_pb2_grpc,
+    security_pb2_grpc,
+)
 
 _log = structlog.get_logger("coordinator")
 
@@ -245,10 +251,13 @@ class CoordinatorServer:
         finally:
             self._admitting.discard(address)
 
-    async def _get_profile(self, address: str, node_id: str) -> agent_pb2.DeviceProfile | None:
+    async def _get_profile(self, address: str, node_id: str) -> common_pb2.DeviceProfile | None:
         stub = agent_pb2_grpc.AgentStub(self._channel(address, node_id))
         try:
-            return await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=5)
+            reply: common_pb2.DeviceProfile = await stub.GetProfile(
+                agent_pb2.GetProfileRequest(), timeout=5
+            )
+            return reply
         except grpc.aio.AioRpcError as err:
             # A spoofed record (no certificate for that node id) ends here, as UNAVAILABLE.
             _log.info(
