@@ -9,9 +9,13 @@ their calls: a refused call must leave every counter at zero.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -333,3 +337,33 @@ def test_expired_fixture_cert_really_expired() -> None:
     parsed = x509.load_pem_x509_certificate(cert)
     assert parsed.not_valid_after_utc.timestamp() < time.time()
     assert key_pem(new_key()).startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
+# -- secure by default; --insecure is loud ----------------------------------------------------
+
+
+async def test_an_insecure_server_says_so() -> None:
+    from structlog.testing import capture_logs
+
+    from doramesh.fleet_cli import warn_insecure
+
+    with capture_logs() as logs:
+        warn_insecure("agent")
+        server = channels.create_server("agent", credentials=None)
+        channels.bind(server, "127.0.0.1:0")
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 2
+    assert all("INSECURE" in e["event"] for e in warnings)
+
+
+def test_a_daemon_without_credentials_refuses_to_start(tmp_path: Path) -> None:
+    env = {**os.environ, "DORAMESH_STATE_DIR": str(tmp_path / "empty")}
+    env.pop("DORAMESH_INSECURE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "doramesh", "planner", "--listen", "127.0.0.1:0"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert b"--insecure" in out.stderr and b"fleet init" in out.stderr
