@@ -16,14 +16,16 @@ import structlog
 
 from doramesh.errors import DoraMeshError, FailedPrecondition
 from doramesh.security.authority import DEFAULT_APP_TTL_S, DEFAULT_JOIN_TTL_S, FleetAuthority
+from doramesh.security.ca import FleetCA
 from doramesh.security.credentials import (
     Credentials,
     default_state_dir,
     holds_ca,
     load_node_credentials,
+    save_node_credentials,
     service_credentials,
 )
-from doramesh.security.identity import Role
+from doramesh.security.identity import Identity, Role
 
 ENV_PREFIX = "DORAMESH_"
 INSECURE_WARNING = (
@@ -95,7 +97,8 @@ def add_fleet_admin(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         default=_env("TOKEN") or None,
-        help=f"show: authenticate with this app token [env {ENV_PREFIX}TOKEN]",
+        help="show: authenticate with this app token (--coordinator is then the TLS port, "
+        f"7073) [env {ENV_PREFIX}TOKEN]",
     )
     add_security_flags(parser)
 
@@ -138,6 +141,11 @@ def daemon_credentials(
     if role != "agent":
         return service_credentials(state, role)
     creds = load_node_credentials(state)
+    if creds is None and holds_ca(state) and node_id:
+        # An agent on the CA's own box (the compose box) needs no token: the CA is right here.
+        ca = FleetCA.load(state)
+        creds = Credentials.issued_by(ca, Identity(ca.fleet_id, "agent", node_id))
+        save_node_credentials(state, creds)
     if creds is None:
         if not args.join_token or not args.enroll:
             raise FailedPrecondition(

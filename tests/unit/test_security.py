@@ -212,3 +212,28 @@ def test_token_port_needs() -> None:
     assert authz.token_kind("/doramesh.v1.Coordinator/Fleet") == "app"
     assert authz.token_kind("/doramesh.v1.Agent/Forward") is None
     assert authz.token_kind("/doramesh.v1.WeightStore/FetchStage") is None
+
+
+def test_daemon_credentials(tmp_path: Path) -> None:
+    import argparse
+
+    from doramesh.fleet_cli import daemon_credentials
+
+    def args(state: Path, **kw: object) -> argparse.Namespace:
+        base = {"insecure": False, "state_dir": state, "join_token": None, "enroll": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    state = tmp_path / "ca"
+    FleetAuthority.init(state, "home")
+    assert daemon_credentials(args(state, insecure=True), "coordinator") is None
+    coordinator = daemon_credentials(args(state), "coordinator")
+    assert coordinator is not None and coordinator.identity == Identity(
+        "home", "coordinator", "coordinator"
+    )
+    # An agent on the CA's own box gets its certificate without a token, and keeps it.
+    agent = daemon_credentials(args(state), "agent", "box-agent")
+    assert agent is not None and agent.identity == Identity("home", "agent", "box-agent")
+    assert load_node_credentials(state) is not None
+    # A device with neither enrolled credentials nor a token is told how to enrol.
+    with pytest.raises(FailedPrecondition, match="--join-token"):
+        daemon_credentials(args(tmp_path / "device"), "agent", "pi-1")
