@@ -293,7 +293,9 @@ class _Search:
                     margin = milp.Bounds(bottleneck_s=step * fraction, energy_j=bounds.energy_j)
                     runs.append(("min_energy", margin, 0.2))
         proven: list[bool] = []
-        for dp_objective, dp_bounds, dp_share in runs:
+        for k, (dp_objective, dp_bounds, dp_share) in enumerate(runs):
+            if k > 0 and time.perf_counter() >= until:
+                break  # a DP run takes at least one full pass: none starts past the budget
             dp_until = until
             if dp_share < 1.0:
                 now = time.perf_counter()
@@ -322,6 +324,13 @@ class _Search:
             single = self._best_single(pool, bounds, objective)
             if single is not None:
                 seeds.append(single)
+            if objective == "min_energy":
+                # The device that does the most work per joule, even where it misses a bound
+                # alone: replicas of it (or of the next most frugal) may meet the bound at less
+                # energy than any valid plan grown from faster, hungrier devices.
+                frugal = self._frugal_single(pool)
+                if frugal is not None and all(frugal.stages != c.stages for c in seeds):
+                    seeds.append(frugal)
             for seed in seeds:
                 grown = self._grow(seed, pool, bounds, objective, until)
                 if grown is not seed:
@@ -382,6 +391,21 @@ class _Search:
                 best = _Candidate(stages, pc, "single")
         return best
 
+    def _frugal_single(self, pool: Sequence[DeviceProfile]) -> _Candidate | None:
+        """The whole model on the device of least active energy per GFLOP that holds it,
+        priced without the QoE bounds (a seed for ``_grow``, which only returns valid plans)."""
+        n = len(self.table.layers)
+        order = sorted(
+            (group[0] for group in milp.device_groups(pool, self.network)),
+            key=lambda d: (d.power_active_w / d.gflops if d.gflops > 0 else math.inf, d.node_id),
+        )
+        for device in order:
+            stages = (StagePlan(0, n - 1, (DeviceShare(device.node_id, 1.0),)),)
+            pc = self._valid(stages, milp.Bounds())
+            if pc is not None:
+                return _Candidate(stages, pc, "frugal")
+        return None
+
     def _grow(
         self,
         cand: _Candidate,
@@ -391,12 +415,15 @@ class _Search:
         until: float,
     ) -> _Candidate:
         """Add data-parallel replicas to stages one at a time, best move first, while the
-        objective improves (samples re-split for speed each time)."""
+        objective improves (samples re-split for speed each time). A seed that misses a
+        bound takes the first move that meets them all; only a grown plan is returned valid."""
         m = self.workload.batch
         lookup = {d.node_id: d for d in self.devices}
         stages = list(cand.stages)
         best_pc = cand.pc
         best_key = milp.objective_key(objective, cand.pc)
+        if not milp.meets_bounds(cand.pc, bounds):
+            best_key = (math.inf, math.inf)
         grown = False
         for _ in range(MAX_GROW_STEPS):
             if time.perf_counter() > until:
@@ -410,6 +437,8 @@ class _Search:
                     continue
                 members = [lookup[mm.id] for mm in stage.devices]
                 for extra in options:
+                    if time.perf_counter() > until:
+                        break  # one step prices every stage x device: stop mid-step too
                     group = [*members, extra]
                     split = milp.balanced_split([g.gflops for g in group], m)
                     trial_stage = StagePlan(
@@ -488,7 +517,8 @@ class _Search:
 
         Coarsening kept only some cuts; the devices and groups stay, only the split moves. A
         microbatched training step is priced by neither search's model (the DP's steady state
-        is its limit), so there every cut may move, coarsened or not.
+        is its limit), so there cuts move even on a model the DP saw whole: anywhere on one of
+        at most ``DP_FULL_LAYERS`` layers, within a block's reach on a coarsened one.
         """
         n = len(self.table.layers)
         microbatched = self.workload.kind == "training" and cand.pc.microbatches > 1
@@ -498,8 +528,8 @@ class _Search:
         reach = max(
             max(last - first + 1 for first, last in self.co.blocks), math.ceil(n / MAX_BLOCKS) + 1
         )
-        if microbatched:
-            reach = n
+        if microbatched and len(self.co.blocks) == n:
+            reach = n  # the DP saw every layer (at most DP_FULL_LAYERS): every cut may move
         stages = list(cand.stages)
         best_key = milp.objective_key(objective, cand.pc)
         best_pc = cand.pc
@@ -515,6 +545,8 @@ class _Search:
                 for cut in range(lo, hi + 1):
                     if cut == left.last:
                         continue
+                    if self.left() <= 0:
+                        break
                     trial = list(stages)
                     trial[b] = StagePlan(left.first, cut, left.devices)
                     trial[b + 1] = StagePlan(cut + 1, right.last, right.devices)

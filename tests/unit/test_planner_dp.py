@@ -695,3 +695,22 @@ def test_gpipe_cost_model_agrees_with_the_simulator() -> None:
             assert sim.energy_j_per_sample == pytest.approx(pc.energy_j_per_sample, rel=1e-6)
             checked += 1
     assert checked >= 20
+
+
+def test_min_energy_grows_replicas_of_the_frugal_device() -> None:
+    """Each frugal device alone misses the step bound and only the hungry one meets it alone;
+    with small parameters (a cheap all-reduce) two frugal replicas meet it at the least energy
+    of any one-microbatch plan (brute force). The planner grows them from the frugal device."""
+    from doramesh.planner import milp
+
+    frugal = [device(n, 10.0, idle=1.0, active=5.0, tx=0.1) for n in ("f1", "f2")]
+    devices = [*frugal, device("h", 25.0, idle=6.0, active=40.0, tx=0.1)]
+    table = uniform_table(6, gflops=1.0, param_mb=1, act_mb=0.01)
+    network = Network("shared", bandwidth_mbps=1000, latency_ms=0.1)
+    workload = Workload("training", batch=8)
+    qoe = QoESpec("min_energy", latency_ms=10_000)
+    expected = milp.brute_force(devices, table, network, workload, qoe)
+    assert expected is not None and len(expected.stages[0].devices) == 2
+    got = api.plan(devices, table, network, workload, qoe, time_limit_s=5).plans[0]
+    assert got.predicted.energy_j_per_sample <= expected.predicted.energy_j_per_sample * (1 + 1e-9)
+    assert got.predicted.latency_ms <= 10_000
