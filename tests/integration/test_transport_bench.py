@@ -31,11 +31,16 @@ async def test_bench_structure_and_positive_figures() -> None:
     assert [row["bytes"] for row in result["sizes"]] == [64 * KIB, MIB]
     for row in result["sizes"]:
         assert row["grpc_mb_per_s"] > 0 and row["raw_tcp_mb_per_s"] > 0
+        assert row["grpc_bytes_floor_mb_per_s"] > 0
         assert row["ratio"] == pytest.approx(
             row["grpc_mb_per_s"] / row["raw_tcp_mb_per_s"], rel=0.01
         )
-        assert len(row["runs_mb_per_s"]["grpc"]) == result["rounds"]
-        assert all(r > 0 for r in row["runs_mb_per_s"]["grpc"] + row["runs_mb_per_s"]["raw_tcp"])
+        assert row["floor_ratio"] == pytest.approx(
+            row["grpc_bytes_floor_mb_per_s"] / row["raw_tcp_mb_per_s"], rel=0.01
+        )
+        runs = row["runs_mb_per_s"]
+        assert len(runs["grpc"]) == len(runs["grpc_bytes_floor"]) == result["rounds"]
+        assert all(r > 0 for r in runs["grpc"] + runs["grpc_bytes_floor"] + runs["raw_tcp"])
     hop = result["small_tensor_hop_ms"]
     assert hop["iterations"] == 20 and hop["bytes"] == 4 * KIB
     assert 0 < hop["p50"] <= hop["p95"]
@@ -47,7 +52,16 @@ async def test_bench_structure_and_positive_figures() -> None:
     console = Console(width=120, record=True)
     console.print(render_table(result))
     text = console.export_text()
-    assert "64 KiB" in text and "1 MiB" in text and "raw TCP" in text
+    assert "64 KiB" in text and "1 MiB" in text and "raw TCP" in text and "bare gRPC" in text
+
+
+def test_floor_messages_match_the_wire_frames() -> None:
+    # The bare-gRPC floor sends as many bytes, in as many messages, as the activation stream.
+    tensor = torch.zeros(300_000)
+    messages = transport._floor_messages(tensor, 256 * KIB)
+    assert len(messages) == 1 + 5  # a header, then 1_200_000 bytes in 256 KiB chunks
+    assert sum(len(m) for m in messages[1:]) > tensor.numel() * 4
+    assert [m[0] for m in messages] == [0, 0, 0, 0, 0, 1]
 
 
 async def test_chunking_below_tensor_size_is_measured() -> None:

@@ -7,8 +7,11 @@ codec and write path), the receiver is registered with ``add_agent_servicer`` on
 that with the best a hand-written transport could do on the same host: a raw TCP socket that
 sends the tensor's bytes with a length prefix and lands them in a preallocated buffer. Both run
 the same workload (one tensor per microbatch, a window of microbatches in flight, a tiny answer
-per tensor), so their ratio is the price of gRPC, HTTP/2 and the codec. It also measures the
-round trip of one small tensor, which bounds the per-hop latency of a pipeline.
+per tensor), so their ratio is the price of gRPC, HTTP/2 and the codec. A third transport
+separates the two: the same messages (sizes, one header, chunks, one answer per tensor) as
+prebuilt bytes on a bare gRPC stream, with no codec, no tensors and no copies in Python. It is
+what grpcio itself costs, the ceiling of any codec on top of it. It also measures the round trip
+of one small tensor, which bounds the per-hop latency of a pipeline.
 
 The receiving side runs in a separate process, as a peer agent would: in one process the sender
 and receiver would share one interpreter lock and the figures would describe that, not the wire.
@@ -41,7 +44,13 @@ from doramesh import channels
 from doramesh.channels import CHUNK_BYTES
 from doramesh.servicing import stream_errors
 from doramesh.streams import PeerLink, add_agent_servicer
-from doramesh.tensors import Frame, FrameAssembler, tune_allocator_for_streaming
+from doramesh.tensors import (
+    Frame,
+    FrameAssembler,
+    encode_frame,
+    iter_wire_frames,
+    tune_allocator_for_streaming,
+)
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 _log = structlog.get_logger("bench.transport")
@@ -90,6 +99,21 @@ class TransportBenchSink(agent_pb2_grpc.AgentServicer):
             if done is not None:
                 header, _tensor = done
                 yield _ack_frame(header.microbatch_id)
+
+
+#: The bytes-only floor's method: messages are opaque bytes; a first byte of 1 ends a tensor.
+_FLOOR_SERVICE = "doramesh.bench.TransportFloor"
+_FLOOR_METHOD = f"/{_FLOOR_SERVICE}/Stream"
+_FLOOR_LAST = 1
+
+
+async def _floor_sink(
+    request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    """Answers every message that ends a tensor with one byte, touching nothing else."""
+    async for message in request_iterator:
+        if message[:1] == bytes([_FLOOR_LAST]):
+            yield _ACK
 
 
 def _ack_frame(microbatch_id: int) -> agent_pb2.ActivationFrame:
@@ -146,6 +170,13 @@ async def _serve_sinks(
 ) -> None:
     server = channels.create_server("bench-transport-sink")
     add_agent_servicer(TransportBenchSink(max_tensor_bytes, chunk_bytes), server)
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                _FLOOR_SERVICE, {"Stream": grpc.stream_stream_rpc_method_handler(_floor_sink)}
+            )
+        ]
+    )
     grpc_address = channels.bind(server, "127.0.0.1:0")
     await server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -268,6 +299,70 @@ async def _grpc_goodput(
     start = time.perf_counter()
     deadline = start + seconds
     await asyncio.gather(*(sender() for _ in range(window)))
+    return acked * nbytes / max(last_ack - start, 1e-9)
+
+
+def _floor_messages(tensor: torch.Tensor, chunk_bytes: int) -> list[bytes]:
+    """Opaque messages as long as the wire frames of one microbatch of ``tensor``."""
+    frames = [
+        encode_frame(f)
+        for f in iter_wire_frames(
+            tensor,
+            stage_id=_STAGE_ID,
+            plan_epoch=0,
+            request_id="bench",
+            microbatch_id=1 << 20,
+            chunk_bytes=chunk_bytes,
+        )
+    ]
+    last = len(frames) - 1
+    return [bytes([_FLOOR_LAST if i == last else 0]) * len(f) for i, f in enumerate(frames)]
+
+
+async def _grpc_floor_goodput(
+    channel: grpc.aio.Channel, messages: list[bytes], nbytes: int, *, seconds: float, window: int
+) -> float:
+    """Bytes per second of tensors answered on a bare gRPC stream of prebuilt messages."""
+    call: grpc.aio.StreamStreamCall[bytes, bytes] = channel.stream_stream(_FLOOR_METHOD)(
+        timeout=_STREAM_DEADLINE_S
+    )
+    slots = asyncio.Semaphore(window)
+    acked = 0
+    last_ack = time.perf_counter()
+    measuring = False
+
+    async def read_answers() -> None:
+        nonlocal acked, last_ack
+        while await call.read() is not grpc.aio.EOF:
+            last_ack = time.perf_counter()
+            if measuring:
+                acked += 1
+            slots.release()
+
+    async def send() -> None:
+        await slots.acquire()
+        for message in messages:
+            await call.write(message)
+
+    reader = asyncio.create_task(read_answers())
+    try:
+        for _ in range(window):
+            await send()
+        for _ in range(window):  # warmed up once every slot is free again
+            await slots.acquire()
+        for _ in range(window):
+            slots.release()
+        measuring = True
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            await send()
+        await call.done_writing()
+        await reader
+    finally:
+        if not reader.done():
+            reader.cancel()
+            call.cancel()
     return acked * nbytes / max(last_ack - start, 1e-9)
 
 
@@ -403,6 +498,7 @@ async def run_transport_bench(
         raw_port,
     ):
         link = PeerLink(grpc_address, chunk_bytes=chunk_bytes)
+        floor_channel = channels.create_channel(grpc_address)
         try:
             for nbytes in sizes:
                 tensor = _payload(nbytes)
@@ -410,11 +506,18 @@ async def run_transport_bench(
                 # Alternating short runs and taking each transport's median keeps a burst from
                 # a noisy neighbour from landing on one transport only.
                 seconds = seconds_per_size / rounds
+                floor_messages = _floor_messages(tensor, chunk_bytes)
                 grpc_runs: list[float] = []
+                floor_runs: list[float] = []
                 raw_runs: list[float] = []
                 for _ in range(rounds):
                     grpc_runs.append(
                         await _grpc_goodput(link, tensor, seconds=seconds, window=window)
+                    )
+                    floor_runs.append(
+                        await _grpc_floor_goodput(
+                            floor_channel, floor_messages, actual, seconds=seconds, window=window
+                        )
                     )
                     raw_runs.append(
                         await asyncio.to_thread(
@@ -422,14 +525,18 @@ async def run_transport_bench(
                         )
                     )
                 grpc_bps = statistics.median(grpc_runs)
+                floor_bps = statistics.median(floor_runs)
                 raw_bps = statistics.median(raw_runs)
                 row = {
                     "bytes": actual,
                     "grpc_mb_per_s": round(grpc_bps / 1e6, 1),
+                    "grpc_bytes_floor_mb_per_s": round(floor_bps / 1e6, 1),
                     "raw_tcp_mb_per_s": round(raw_bps / 1e6, 1),
                     "ratio": round(grpc_bps / raw_bps, 3),
+                    "floor_ratio": round(floor_bps / raw_bps, 3),
                     "runs_mb_per_s": {
                         "grpc": [round(r / 1e6, 1) for r in grpc_runs],
+                        "grpc_bytes_floor": [round(r / 1e6, 1) for r in floor_runs],
                         "raw_tcp": [round(r / 1e6, 1) for r in raw_runs],
                     },
                 }
@@ -443,6 +550,7 @@ async def run_transport_bench(
             grpc_times = await _grpc_round_trips(link, latency_iterations)
         finally:
             await link.close()
+            await floor_channel.close()
         raw_times = await asyncio.to_thread(_raw_round_trips, raw_port, latency_iterations)
     grpc_p50, grpc_p95 = _percentiles_ms(grpc_times)
     raw_p50, raw_p95 = _percentiles_ms(raw_times)
@@ -488,12 +596,16 @@ def render_table(result: dict[str, Any]) -> Table:
     table.add_column("gRPC MB/s", justify="right")
     table.add_column("raw TCP MB/s", justify="right")
     table.add_column("gRPC / raw", justify="right")
+    table.add_column("bare gRPC bytes MB/s", justify="right")
+    table.add_column("bare / raw", justify="right")
     for row in result["sizes"]:
         table.add_row(
             _size_label(row["bytes"]),
             f"{row['grpc_mb_per_s']:.1f}",
             f"{row['raw_tcp_mb_per_s']:.1f}",
             f"{row['ratio']:.0%}",
+            f"{row['grpc_bytes_floor_mb_per_s']:.1f}",
+            f"{row['floor_ratio']:.0%}",
         )
     hop = result["small_tensor_hop_ms"]
     table.caption = (
