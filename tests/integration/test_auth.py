@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from doramesh import channels
 from doramesh.security import tokens
@@ -110,6 +111,8 @@ async def mesh() -> AsyncIterator[Mesh]:
     agent_creds = Credentials.issued_by(ca, Identity(FLEET, "agent", "pi-1"))
     agent_server = channels.create_server("agent", credentials=agent_creds)
     agent_pb2_grpc.add_AgentServicer_to_server(CountingAgent(calls, "pi-1"), agent_server)
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, agent_server)
     agent = channels.bind(agent_server, "127.0.0.1:0")
     await server.start()
     await agent_server.start()
@@ -128,6 +131,17 @@ async def _get_profile(
         try:
             await agent_pb2_grpc.AgentStub(channel).GetProfile(
                 agent_pb2.GetProfileRequest(), timeout=5
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+async def _health(address: str, creds: Credentials | None) -> grpc.StatusCode:
+    async with channels.create_channel(address, credentials=creds) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
             )
         except grpc.aio.AioRpcError as err:
             return err.code()  # type: ignore[no-any-return]
@@ -165,9 +179,9 @@ async def test_enrolled_peers_are_served(mesh: Mesh) -> None:
     assert await _get_profile(mesh.agent, mesh.creds("coordinator", "coordinator")) == (
         grpc.StatusCode.OK
     )
-    assert await _get_profile(mesh.agent, mesh.creds("agent", "pi-2")) == grpc.StatusCode.OK
     assert await _fleet(mesh.coordinator, mesh.creds("app", "dashboard")) == grpc.StatusCode.OK
-    assert mesh.calls.counts == {"Agent.GetProfile": 2, "Coordinator.Fleet": 1}
+    assert mesh.calls.counts == {"Agent.GetProfile": 1, "Coordinator.Fleet": 1}
+    assert await _health(mesh.agent, mesh.creds("agent", "pi-2")) == grpc.StatusCode.OK
 
 
 # -- handshake refusals: UNAVAILABLE at the client, nothing reaches a servicer ----------------
@@ -233,6 +247,10 @@ async def test_wrong_role_is_permission_denied(mesh: Mesh) -> None:
     assert await _fleet(mesh.coordinator, mesh.creds("agent", "pi-2")) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+    # Another agent reaches an agent on the data path only (Forward, SyncGradients).
+    assert await _get_profile(mesh.agent, mesh.creds("agent", "pi-2")) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
     assert await _fleet(mesh.coordinator, mesh.creds("planner", "planner")) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
@@ -288,8 +306,8 @@ async def test_replayed_join_token_is_unauthenticated(mesh: Mesh) -> None:
     ca = mesh.authority.ca.cert_pem
     assert await _enrol_raw(mesh.enrol, ca, token, "pi-3") == grpc.StatusCode.UNAUTHENTICATED
     assert mesh.calls.counts == {"Enrolment.Enrol": 1}
-    # The enrolled certificate is a working fleet identity: pi-2 may call pi-1.
-    assert await _get_profile(mesh.agent, creds) == grpc.StatusCode.OK
+    # The enrolled certificate is a working fleet identity: pi-1 accepts pi-2's handshake.
+    assert await _health(mesh.agent, creds) == grpc.StatusCode.OK
 
 
 async def test_a_token_bound_to_a_node_id_enrols_only_that_node(mesh: Mesh) -> None:

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def _peer(fleet: LocalFleet) -> Credentials | None:
-    """Agents take calls from the coordinator and other agents only: dial them as a peer."""
-    return fleet.issue("agent", "test-peer")
+    """Agents take stage control from the coordinator only: dial them as one."""
+    return fleet.issue("coordinator", "test-coordinator")
 
 
 async def _deployed(fleet: LocalFleet) -> AsyncClient:

@@ -179,6 +179,9 @@ def test_node_credentials_round_trip(tmp_path: Path) -> None:
     ("method", "role", "refused"),
     [
         ("/doramesh.v1.Agent/Forward", "agent", None),
+        ("/doramesh.v1.Agent/SyncGradients", "agent", None),
+        ("/doramesh.v1.Agent/LoadStage", "agent", Status.PERMISSION_DENIED),
+        ("/doramesh.v1.Agent/SetSlowdown", "agent", Status.PERMISSION_DENIED),
         ("/doramesh.v1.Agent/LoadStage", "coordinator", None),
         ("/doramesh.v1.Agent/LoadStage", "app", Status.PERMISSION_DENIED),
         ("/doramesh.v1.Agent/LoadStage", "planner", Status.PERMISSION_DENIED),

@@ -18,15 +18,24 @@ COORDINATOR_SERVICE = "doramesh.v1.Coordinator"
 
 #: Roles allowed on each service over mutual TLS. A service not listed is refused.
 SERVICE_ROLES: dict[str, frozenset[Role]] = {
-    # Stage control comes from the coordinator; activations, gradients and the training root's
-    # step calls from other agents.
-    "doramesh.v1.Agent": frozenset({"coordinator", "agent"}),
+    # Stage control (load, unload, rates, cancels, stats, checkpoints) is the coordinator's;
+    # agents reach each other only on the data path (METHOD_ROLES).
+    "doramesh.v1.Agent": frozenset({"coordinator"}),
     # The client API is for apps (an app certificate, or an app token on the TLS-only port).
     COORDINATOR_SERVICE: frozenset({"app"}),
     # Stage weights go to agents.
     "doramesh.v1.WeightStore": frozenset({"agent", "coordinator"}),
     "doramesh.v1.Planner": frozenset({"coordinator"}),
     HEALTH_SERVICE: frozenset(ROLES),
+}
+
+
+#: Methods whose roles differ from their service's: the peer-to-peer data path.
+METHOD_ROLES: dict[str, frozenset[Role]] = {
+    # Activations (and, in training, gradients on the way back) flow stage to stage.
+    "/doramesh.v1.Agent/Forward": frozenset({"coordinator", "agent"}),
+    # A replica sends its gradients to its group's rank 0.
+    "/doramesh.v1.Agent/SyncGradients": frozenset({"coordinator", "agent"}),
 }
 
 
@@ -49,9 +58,9 @@ def decide_mtls(method: str, peer: Identity | None, fleet_id: str) -> Refusal | 
     if fleet_id and peer.fleet_id != fleet_id:
         return Refusal(Status.PERMISSION_DENIED, f"{peer} is not a member of fleet {fleet_id}")
     service = service_of(method)
-    allowed = SERVICE_ROLES.get(service, frozenset())
+    allowed = METHOD_ROLES.get(method, SERVICE_ROLES.get(service, frozenset()))
     if peer.role not in allowed:
-        return Refusal(Status.PERMISSION_DENIED, f"role {peer.role} may not call {service}")
+        return Refusal(Status.PERMISSION_DENIED, f"role {peer.role} may not call {method}")
     return None
 
 
