@@ -162,6 +162,9 @@ class Deployer:
         self._background: set[asyncio.Task[Any]] = set()
         self._adapter_task: asyncio.Task[None] | None = None
         self._replanning: set[str] = set()
+        #: Why the last re-planning of a model failed (cleared when plans are installed).
+        self._replan_errors: dict[str, str] = {}
+        self._changed = asyncio.Event()
         #: Per device, the computations counted at the last stats poll.
         self._computations: dict[NodeId, int] = {}
 
@@ -268,6 +271,13 @@ class Deployer:
     def _install(self, live: LiveSet) -> None:
         self.live[live.model] = live
         self.deployments[live.model] = live.primary
+        self._replan_errors.pop(live.model, None)
+        self._signal()
+
+    def _signal(self) -> None:
+        """Wake the requests waiting for a model's plans to come back."""
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
 
     async def _load_set(
         self,
@@ -729,17 +739,37 @@ class Deployer:
                 return
             # No plan left: requests wait (on this lock) for the new plans.
             _log.warning("re-planning without dead agents", model=failed.model, dead=dead)
-            await self.replan(failed.model, trigger, f"agents {dead} died", timeout_s=timeout_s)
+            try:
+                await self.replan(failed.model, trigger, f"agents {dead} died", timeout_s=timeout_s)
+            except DoraMeshError as err:
+                self._replan_errors[failed.model] = err.message
+                raise
+            finally:
+                self._signal()
 
     async def _await_recovery(self, model: str, timeout_s: float) -> None:
-        """Wait for the re-planning of a model that lost every plan (bounded by the caller's
-        deadline)."""
-        lock = self._recovering.setdefault(model, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), max(timeout_s, 0.0))
-        except TimeoutError as err:
-            raise DeadlineExceeded("no plan of the model came back in time") from err
-        lock.release()
+        """Wait, within the caller's deadline, for new plans of a model that lost every plan
+        (asking for them if no re-planning is under way)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = self.live.get(model)
+            if live is None or live.plans:
+                return
+            lock = self._recovering.get(model)
+            busy = model in self._replanning or (lock is not None and lock.locked())
+            if not busy:
+                error = self._replan_errors.get(model)
+                if error is not None:
+                    raise FailedPrecondition(
+                        f"every plan of {model!r} lost its agents and re-planning failed "
+                        f"({error}); call Deploy"
+                    )
+                self._replan_soon(model, time.monotonic(), "no live plan left")
+            event = self._changed
+            try:
+                await asyncio.wait_for(event.wait(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError as err:
+                raise DeadlineExceeded(f"no plan of {model!r} came back in time") from err
 
     def _drop_dead(self, live: LiveSet, reason: str) -> None:
         """Remove the plans that use a device no longer alive; re-weight the others at once."""
@@ -767,9 +797,11 @@ class Deployer:
             try:
                 await self.replan(model, trigger, reason)
             except DoraMeshError as err:
+                self._replan_errors[model] = err.message
                 _log.warning("background re-planning failed", model=model, error=err.message)
             finally:
                 self._replanning.discard(model)
+                self._signal()
 
         self._spawn(run())
 
