@@ -41,6 +41,9 @@ async def test_bench_structure_and_positive_figures() -> None:
         runs = row["runs_mb_per_s"]
         assert len(runs["grpc"]) == len(runs["grpc_bytes_floor"]) == result["rounds"]
         assert all(r > 0 for r in runs["grpc"] + runs["grpc_bytes_floor"] + runs["raw_tcp"])
+        costs = row["cpu_s_per_gb"]
+        assert set(costs) == {"grpc", "grpc_bytes_floor", "raw_tcp"}
+        assert all(c is None or c >= 0 for c in costs.values())
     hop = result["small_tensor_hop_ms"]
     assert hop["iterations"] == 20 and hop["bytes"] == 4 * KIB
     assert 0 < hop["p50"] <= hop["p95"]

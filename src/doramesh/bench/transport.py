@@ -11,7 +11,16 @@ per tensor), so their ratio is the price of gRPC, HTTP/2 and the codec. A third 
 separates the two: the same messages (sizes, one header, chunks, one answer per tensor) as
 prebuilt bytes on a bare gRPC stream, with no codec, no tensors and no copies in Python. It is
 what grpcio itself costs, the ceiling of any codec on top of it. It also measures the round trip
-of one small tensor, which bounds the per-hop latency of a pipeline.
+of one small tensor, which bounds the per-hop latency of a pipeline, and, for each transport, the
+CPU both processes spend per GB: on a shared host the throughputs move with the neighbours' load,
+the CPU cost much less.
+
+What bounds the ratio: grpc.aio pays per message (a completion-queue event handed to the event
+loop for every write and every read; a 1 MiB tensor is three messages: header, chunk, answer) and
+per byte (cygrpc copies the serialised bytes into a slice on send and the received slices into
+bytes on receive), on top of the kernel's copies that raw TCP pays too. The bare column is exactly
+that. The activation stream adds one copy per side (``encode_frame``'s join; the assembler's copy
+into a tensor the receiver owns) and the codec's Python work per frame.
 
 The receiving side runs in a separate process, as a peer agent would: in one process the sender
 and receiver would share one interpreter lock and the figures would describe that, not the wire.
@@ -30,7 +39,8 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
@@ -219,6 +229,10 @@ class _SinkProcess:
             daemon=True,
         )
         self._child_conn = child_conn
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     async def __aenter__(self) -> tuple[str, int]:
         self._process.start()
@@ -464,6 +478,31 @@ def _raw_round_trips(port: int, iterations: int) -> list[float]:
     return times
 
 
+def _cpu_seconds(sink_pid: int | None) -> float | None:
+    """CPU time used so far by this process and the sink process (all threads, user + system);
+    None where the sink's cannot be read (no /proc)."""
+    try:
+        with open(f"/proc/{sink_pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    sink = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time() + sink
+
+
+async def _measured(
+    run: Callable[[], Awaitable[float]], sink_pid: int | None
+) -> tuple[float, float | None]:
+    """Runs one goodput trial; returns its bytes/s and the CPU seconds both processes spent per
+    GB moved (warm-up included), the cost of a transport whatever share of the host it got."""
+    cpu0, wall0 = _cpu_seconds(sink_pid), time.perf_counter()
+    bps = await run()
+    cpu1, wall1 = _cpu_seconds(sink_pid), time.perf_counter()
+    if cpu0 is None or cpu1 is None or bps <= 0:
+        return bps, None
+    return bps, (cpu1 - cpu0) / (bps * (wall1 - wall0) / 1e9)
+
+
 def _percentiles_ms(times: Sequence[float]) -> tuple[float, float]:
     ordered = sorted(times)
     p50 = statistics.median(ordered)
@@ -493,10 +532,8 @@ async def run_transport_bench(
     max_tensor_bytes = max(*sizes, LATENCY_BYTES)
     allocator_tuned = tune_allocator and tune_allocator_for_streaming()
     rows: list[dict[str, Any]] = []
-    async with _SinkProcess(max_tensor_bytes, chunk_bytes, allocator_tuned) as (
-        grpc_address,
-        raw_port,
-    ):
+    sink = _SinkProcess(max_tensor_bytes, chunk_bytes, allocator_tuned)
+    async with sink as (grpc_address, raw_port):
         link = PeerLink(grpc_address, chunk_bytes=chunk_bytes)
         floor_channel = channels.create_channel(grpc_address)
         try:
@@ -507,23 +544,38 @@ async def run_transport_bench(
                 # a noisy neighbour from landing on one transport only.
                 seconds = seconds_per_size / rounds
                 floor_messages = _floor_messages(tensor, chunk_bytes)
-                grpc_runs: list[float] = []
-                floor_runs: list[float] = []
-                raw_runs: list[float] = []
+                trials: dict[str, Callable[[], Awaitable[float]]] = {
+                    "grpc": partial(_grpc_goodput, link, tensor, seconds=seconds, window=window),
+                    "grpc_bytes_floor": partial(
+                        _grpc_floor_goodput,
+                        floor_channel,
+                        floor_messages,
+                        actual,
+                        seconds=seconds,
+                        window=window,
+                    ),
+                    "raw_tcp": partial(
+                        asyncio.to_thread,
+                        _raw_tcp_goodput,
+                        raw_port,
+                        tensor,
+                        seconds=seconds,
+                        window=window,
+                    ),
+                }
+                runs: dict[str, list[float]] = {name: [] for name in trials}
+                cpu: dict[str, list[float]] = {name: [] for name in trials}
                 for _ in range(rounds):
-                    grpc_runs.append(
-                        await _grpc_goodput(link, tensor, seconds=seconds, window=window)
-                    )
-                    floor_runs.append(
-                        await _grpc_floor_goodput(
-                            floor_channel, floor_messages, actual, seconds=seconds, window=window
-                        )
-                    )
-                    raw_runs.append(
-                        await asyncio.to_thread(
-                            _raw_tcp_goodput, raw_port, tensor, seconds=seconds, window=window
-                        )
-                    )
+                    for name, trial in trials.items():
+                        bps, cpu_per_gb = await _measured(trial, sink.pid)
+                        runs[name].append(bps)
+                        if cpu_per_gb is not None:
+                            cpu[name].append(cpu_per_gb)
+                grpc_runs, floor_runs, raw_runs = (
+                    runs["grpc"],
+                    runs["grpc_bytes_floor"],
+                    runs["raw_tcp"],
+                )
                 grpc_bps = statistics.median(grpc_runs)
                 floor_bps = statistics.median(floor_runs)
                 raw_bps = statistics.median(raw_runs)
@@ -538,6 +590,10 @@ async def run_transport_bench(
                         "grpc": [round(r / 1e6, 1) for r in grpc_runs],
                         "grpc_bytes_floor": [round(r / 1e6, 1) for r in floor_runs],
                         "raw_tcp": [round(r / 1e6, 1) for r in raw_runs],
+                    },
+                    "cpu_s_per_gb": {
+                        name: round(statistics.median(v), 2) if v else None
+                        for name, v in cpu.items()
                     },
                 }
                 _log.info(
@@ -598,7 +654,13 @@ def render_table(result: dict[str, Any]) -> Table:
     table.add_column("gRPC / raw", justify="right")
     table.add_column("bare gRPC bytes MB/s", justify="right")
     table.add_column("bare / raw", justify="right")
+    table.add_column("CPU s/GB gRPC, bare, raw", justify="right")
+
+    def cpu(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     for row in result["sizes"]:
+        costs = row["cpu_s_per_gb"]
         table.add_row(
             _size_label(row["bytes"]),
             f"{row['grpc_mb_per_s']:.1f}",
@@ -606,12 +668,14 @@ def render_table(result: dict[str, Any]) -> Table:
             f"{row['ratio']:.0%}",
             f"{row['grpc_bytes_floor_mb_per_s']:.1f}",
             f"{row['floor_ratio']:.0%}",
+            ", ".join(cpu(costs[k]) for k in ("grpc", "grpc_bytes_floor", "raw_tcp")),
         )
     hop = result["small_tensor_hop_ms"]
     table.caption = (
         f"{_size_label(hop['bytes'])} tensor round trip over gRPC: p50 {hop['p50']:.3f} ms, "
         f"p95 {hop['p95']:.3f} ms (raw TCP p50 {hop['raw_tcp_p50']:.3f} ms, "
-        f"p95 {hop['raw_tcp_p95']:.3f} ms); MB = 1e6 bytes"
+        f"p95 {hop['raw_tcp_p95']:.3f} ms); MB = 1e6 bytes; bare = the same messages as "
+        "prebuilt bytes on a bare gRPC stream; CPU = both processes, per GB moved"
     )
     return table
 
