@@ -86,3 +86,25 @@ def test_hysteresis_needs_a_streak_in_one_direction() -> None:
     assert h.observe(3.1)
     assert h.accepted == pytest.approx(3.0)
     assert not h.observe(3.3)  # within 25% of the new value
+
+
+def test_dispatch_follows_the_shares_microbatch_by_microbatch() -> None:
+    from dataclasses import dataclass
+
+    from doramesh.coordinator.mix import LiveSet
+    from doramesh.types import QoESpec, Workload
+
+    @dataclass
+    class FakeDeployment:  # what LiveSet reads of a deployment
+        plan_epoch: int
+
+    live = LiveSet("m", 0, QoESpec(), Workload(), "doramesh", 2)
+    for epoch in (1, 2):
+        live.add(FakeDeployment(epoch), load(epoch, {A: 0.1}))  # type: ignore[arg-type]
+    live.shares = {1: 0.25, 2: 0.75}
+    picks = [live.pick().plan_epoch for _ in range(8)]
+    assert picks.count(1) == 2 and picks.count(2) == 6
+    # Smooth: never more than one microbatch away from the shares in any prefix.
+    for n in range(1, 9):
+        assert abs(picks[:n].count(1) - 0.25 * n) <= 1
+    assert live.pick(exclude={2}).plan_epoch == 1
