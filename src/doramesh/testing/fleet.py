@@ -88,6 +88,7 @@ class LocalFleet:
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _ca_tmp: tempfile.TemporaryDirectory[str] | None = None
     _previous_default: Credentials | None = None
+    _default_set: bool = False
 
     def issue(self, role: Role, name: str) -> Credentials | None:
         """Credentials signed by this fleet's CA for ``name`` in ``role`` (None if insecure)."""
@@ -96,7 +97,12 @@ class LocalFleet:
         return Credentials.issued_by(self.authority.ca, Identity(self.fleet_id, role, name))
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Stop what did start and give back this process's default credentials.
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(
@@ -120,6 +126,7 @@ class LocalFleet:
             self.authority, self._ca_tmp = FleetAuthority.ephemeral(self.fleet_id)
             self.credentials = self.issue("app", "local-client")
         self._previous_default = channels.set_default_credentials(self.credentials)
+        self._default_set = True
         self.planner = PlannerServer("127.0.0.1:0")
         with channels.acting_as(self.issue("planner", "planner")):
             planner_address = await self.planner.start()
@@ -183,7 +190,9 @@ class LocalFleet:
             self._tmp.cleanup()
         if self._ca_tmp is not None:
             self._ca_tmp.cleanup()
-        channels.set_default_credentials(self._previous_default)
+        if self._default_set:
+            channels.set_default_credentials(self._previous_default)
+            self._default_set = False
 
 
 @dataclass
