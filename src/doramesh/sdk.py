@@ -46,6 +46,7 @@ from doramesh.errors import (
     from_rpc_error,
 )
 from doramesh.security.credentials import Credentials
+from doramesh.security.identity import server_name
 from doramesh.tensors import tensor_from_pb, tensor_to_pb
 from doramesh.training import OptimizerName, OptimizerSpec, optimizer_to_pb
 from doramesh.types import DeviceProfile, Plan, QoESpec, Workload
@@ -282,7 +283,10 @@ class Client:
         this process's (set by the CLI or a test fleet); None: plaintext (``--insecure``)."""
         self.address = address
         self.timeout = timeout
-        self._channel = create_sync_channel(address, credentials=credentials)
+        # Only the coordinator's certificate passes: not any fleet member at that address.
+        self._channel = create_sync_channel(
+            address, credentials=credentials, server_name=server_name("coordinator")
+        )
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -446,7 +450,9 @@ class AsyncClient:
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = create_channel(address, credentials=credentials)
+        self._channel = create_channel(
+            address, credentials=credentials, server_name=server_name("coordinator")
+        )
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
 
     async def __aenter__(self) -> Self:

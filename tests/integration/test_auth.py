@@ -385,3 +385,19 @@ def test_a_daemon_without_credentials_refuses_to_start(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert b"--insecure" in out.stderr and b"fleet init" in out.stderr
+
+
+async def test_the_sdk_trusts_only_the_coordinators_certificate(mesh: Mesh) -> None:
+    """A fleet member (here an agent) answering at the address an app dials is not the
+    coordinator: the SDK pins the coordinator's name, so the handshake fails."""
+    from doramesh.errors import Unavailable
+    from doramesh.sdk import AsyncClient
+
+    app = mesh.creds("app", "dashboard")
+    async with AsyncClient(mesh.agent, timeout=5, credentials=app) as client:
+        with pytest.raises(Unavailable):
+            await client.fleet()
+    assert mesh.calls.total == 0
+    async with AsyncClient(mesh.coordinator, timeout=5, credentials=app) as client:
+        assert await client.fleet() == []
+    assert mesh.calls.counts == {"Coordinator.Fleet": 1}
