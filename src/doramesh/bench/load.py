@@ -186,7 +186,7 @@ def run_load_bench(
             with Client(address, timeout=60) as client:
                 wait_for(lambda: sum(a.state == "alive" for a in client.fleet()) >= 3, 30)
                 dep = client.deploy(model, seed=seed, timeout=180)
-        stages = [[d.id for d in stage.devices] for stage in dep.plan.stages]
+        stages = [[str(d.id) for d in stage.devices] for stage in dep.plan.stages]
         reference = models.build_blocks(model, seed)
         shape = SAMPLE_SHAPES.get(model)
         inputs = [
