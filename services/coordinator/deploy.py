@@ -34,6 +34,7 @@ from doramesh.errors import (
     DeadlineExceeded,
     DoraMeshError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -666,7 +667,9 @@ class Deployer:
             except asyncio.CancelledError:
                 self._cancel_in_fleet(dep, fleet_id)
                 raise
-            except (Unavailable, Aborted, FailedPrecondition) as err:
+            # A peer that dies mid-stream surfaces as UNAVAILABLE, or as INTERNAL when gRPC's
+            # core sees the connection torn mid-message; a retired epoch as FAILED_PRECONDITION.
+            except (Unavailable, Aborted, FailedPrecondition, Internal) as err:
                 if attempt == MAX_REPLAYS or deadline - time.monotonic() <= 0:
                     dep.failed += 1
                     raise
