@@ -159,7 +159,7 @@ async def demo(
     if not secure:
         from doramesh.fleet_cli import warn_insecure
 
-        warn_insecure("demo")
+        warn_insecure("demo", echo=True)
     async with LocalFleet(classes=_classes(n_agents), secure=secure) as fleet:
         discovered_s = time.perf_counter() - start
         async with AsyncClient(fleet.address, timeout=60) as client:

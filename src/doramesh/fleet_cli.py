@@ -125,8 +125,12 @@ def run_fleet_admin(args: argparse.Namespace) -> int:
         return 1
 
 
-def warn_insecure(role: str) -> None:
+def warn_insecure(role: str, *, echo: bool = False) -> None:
+    """Log the insecure-mode warning; ``echo`` also prints it, for commands (the demo) whose
+    log level hides warnings."""
     structlog.get_logger("security").warning(INSECURE_WARNING, role=role)
+    if echo:
+        print(f"doramesh {role}: WARNING: {INSECURE_WARNING}", file=sys.stderr)
 
 
 def daemon_credentials(
