@@ -33,6 +33,7 @@ from doramesh.v1 import security_pb2, security_pb2_grpc
 
 _log = structlog.get_logger("enrolment")
 
+_DER = 2  # ssl's ENCODING_DER (_ssl.ENCODING_DER)
 #: A CSR or certificate is a few hundred bytes; refuse anything absurd before parsing it.
 MAX_PEM_BYTES = 16 << 10
 
@@ -73,9 +74,10 @@ def fetch_pinned_ca(address: str, ca_fingerprint: str, *, timeout: float = 5.0) 
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout) as raw,
             context.wrap_socket(raw) as tls,
         ):
-            sslobj: Any = tls._sslobj  # type: ignore[attr-defined]
-            chain = getattr(tls, "get_unverified_chain", None) or sslobj.get_unverified_chain
-            der_chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain()]  # type: ignore[attr-defined]
+            # Python 3.13 made the chain public (DER bytes); 3.11-3.12 keep it on _sslobj.
+            public = getattr(tls, "get_unverified_chain", None)
+            chain = public() if public is not None else tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+            der_chain = [c if isinstance(c, bytes) else c.public_bytes(_DER) for c in chain or []]
     except (OSError, ValueError) as err:
         raise Unavailable(f"cannot reach the enrolment port {address}: {err}") from err
     certs = [x509.load_der_x509_certificate(der) for der in der_chain]
