@@ -49,8 +49,10 @@ MAX_STAGE_WEIGHT_BYTES = 8 << 30
 MAX_RETIRED_STAGES = 4096
 #: Cancelled request ids remembered, so their microbatches still on the way are dropped.
 MAX_CANCELLED_REQUESTS = 4096
-#: Weight of the newest computation in the device's measured speed (seconds per GFLOP).
-SPEED_EWMA_ALPHA = 0.3
+#: Weight of the newest computation in the device's measured speed (seconds per GFLOP): high,
+#: because a paced computation is already exact (the pacer waits to the emulated time) and the
+#: coordinator's hysteresis, not this average, is what keeps the adapter from flapping.
+SPEED_EWMA_ALPHA = 0.7
 
 
 @dataclass(frozen=True, slots=True)

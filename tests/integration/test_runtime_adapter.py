@@ -29,8 +29,8 @@ MODEL = "resnet18"
 #: Large enough that the emulated device, not this shared host, sets each computation's time.
 SHAPE = (3, 128, 128)
 TOLERANCE = 1e-5
-#: Re-weights allowed over slow-down and recovery: one each way, plus one for the speed
-#: estimate settling (the agent's EWMA converges over a few computations) in each direction.
+#: Re-weights allowed over slow-down and recovery: one each way is what happens (2 seen); the
+#: rest is slack for the speed estimate taking a second step on a loaded host.
 MAX_REWEIGHTS = 5
 
 
