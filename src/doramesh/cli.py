@@ -411,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the results as JSON to this file",
     )
 
+    from doramesh.testing.testbed_cli import add_bench_fleet_parser, add_testbed_parser
+
+    add_bench_fleet_parser(bench_sub)
+    add_testbed_parser(sub)
+
     from doramesh.train_cli import add_train_parser
 
     add_train_parser(sub)
@@ -628,6 +633,10 @@ def main(argv: list[str] | None = None) -> None:
         set_default_credentials(client_credentials(args, args.coordinator))
 
         sys.exit(run_train(args))
+    if args.command == "testbed":
+        from doramesh.testing.testbed_cli import run_testbed
+
+        sys.exit(run_testbed(args))
     if args.command == "plan":
         from doramesh.plan_cli import run_plan
 
@@ -658,6 +667,10 @@ def main(argv: list[str] | None = None) -> None:
             from doramesh.bench.runtime import main as runtime_main
 
             sys.exit(runtime_main(args.json_out, requests=args.requests))
+        if args.bench == "fleet":
+            from doramesh.testing.testbed_cli import run_bench_fleet
+
+            sys.exit(run_bench_fleet(args))
         if args.bench == "planning-time":
             from doramesh.bench.planning_time import main as planning_time_main
 

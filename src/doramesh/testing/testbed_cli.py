@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import time
@@ -74,7 +75,14 @@ def add_bench_fleet_parser(bench_sub: Any) -> None:
     )
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a CI timeout, ``kill``) exits through ``finally`` and ``atexit``, so the
+    testbed's namespaces are removed rather than left behind."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_bench_fleet(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
     from doramesh.bench.fleet import main
 
     if not args.scenario and args.link_goodput is None:
@@ -90,6 +98,7 @@ def run_bench_fleet(args: argparse.Namespace) -> int:
 
 
 def run_testbed(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
     from doramesh.testing.netns import BASE_PREFIX, remove_prefix, why_unavailable
     from doramesh.testing.testbed import STATE_DIR
 
