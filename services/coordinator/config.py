@@ -30,3 +30,9 @@ class CoordinatorSettings:
     weight_cache_mb: int = 4096
     #: Default deadline for one inference request when the client gives none.
     infer_timeout_s: float = 120.0
+    #: Where the coordinator persists its jobs (deployments, training checkpoints) to restore
+    #: them after a restart; "" keeps nothing (in-process fleets). The CLI uses --state-dir,
+    #: the directory that also holds the fleet CA.
+    state_dir: str = ""
+    #: After a restart, how long to wait for the agents it last knew before re-deploying.
+    restore_wait_s: float = 15.0

@@ -15,7 +15,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -152,6 +152,9 @@ class Deployer:
         #: Training jobs' deployments, by job id, while they run.
         self.trainings: dict[str, Deployment] = {}
         self._epochs = itertools.count(int(time.time()))
+        #: Called once a Deploy's plans are live, with what was asked (the plans as given, or
+        #: None when planned): a coordinator that persists its jobs records it here.
+        self.on_deployed: Callable[[LiveSet, Sequence[Plan] | None], None] | None = None
         self._lock = asyncio.Lock()
         self._recovering: dict[str, asyncio.Lock] = {}
         self._planner_channel: grpc.aio.Channel | None = None
@@ -267,6 +270,8 @@ class Deployer:
             if old is not None:
                 await self._retire_set(old)
         self._start_adapter()
+        if self.on_deployed is not None:
+            self.on_deployed(live, given)
         return live.primary
 
     def _install(self, live: LiveSet) -> None:
@@ -459,6 +464,11 @@ class Deployer:
         for replica in dep.train_entry:
             await replica.link.close()
         await self._unload(dep)
+
+    def epochs_after(self, epoch: int) -> None:
+        """Issue plan epochs above ``epoch`` from now on (a restarted coordinator's agents may
+        hold stages of epochs its clock-based counter has not passed yet)."""
+        self._epochs = itertools.count(max(next(self._epochs), epoch + 1))
 
     def agent_stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         return agent_pb2_grpc.AgentStub(self._channel(address))

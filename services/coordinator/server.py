@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
@@ -26,6 +27,7 @@ from doramesh.coordinator.config import CoordinatorSettings
 from doramesh.coordinator.deploy import Deployer
 from doramesh.coordinator.registry import FleetRegistry
 from doramesh.coordinator.servicer import CoordinatorServicer
+from doramesh.coordinator.state import CoordinatorPersistence, RestoreReport
 from doramesh.coordinator.weights import WeightStore, WeightStoreServicer
 from doramesh.discovery import Announcement, Browser, lan_address
 from doramesh.errors import DoraMeshError
@@ -85,6 +87,9 @@ class CoordinatorServer:
         self._admitting: set[str] = set()
         self.deployer: Deployer | None = None
         self.changed = asyncio.Event()
+        #: The persisted jobs (``settings.state_dir``) and, once done, what the restore did.
+        self.persistence: CoordinatorPersistence | None = None
+        self.restored: asyncio.Future[RestoreReport] | None = None
 
     async def start(self) -> str:
         self.credentials = _resolve_credentials(self._credentials_arg)
@@ -96,8 +101,13 @@ class CoordinatorServer:
         s = self.settings
         # Activation chunks are ~1 MiB buffers made and freed per message: keep them reusable.
         tune_allocator_for_streaming()
+        if s.state_dir:
+            self.persistence = CoordinatorPersistence(Path(s.state_dir), s.fleet_id)
         self._server = create_server(
-            "coordinator", credentials=self.credentials, authority=self.authority
+            "coordinator",
+            credentials=self.credentials,
+            authority=self.authority,
+            interceptors=[self.persistence.gate] if self.persistence else (),
         )
         self._health = health.aio.HealthServicer()
         bound = bind(self._server, s.listen)
@@ -124,8 +134,17 @@ class CoordinatorServer:
             ),
             weights_source=self.address,
         )
+        training = None
+        if self.persistence is not None:
+            self.deployer.on_deployed = self.persistence.deployed
+            training = self.persistence.training_jobs(self.deployer)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorServicer(self.registry, self.deployer, infer_timeout_s=s.infer_timeout_s),
+            CoordinatorServicer(
+                self.registry,
+                self.deployer,
+                infer_timeout_s=s.infer_timeout_s,
+                training=training,
+            ),
             self._server,
         )
         coordinator_pb2_grpc.add_WeightStoreServicer_to_server(
@@ -145,6 +164,16 @@ class CoordinatorServer:
                 max_entries=s.max_agents * 4,
             )
             await self._browser.start()
+        if self.persistence is not None:
+            # Served already (agents fetch weights from here); clients wait behind the gate.
+            self.restored = asyncio.ensure_future(
+                self.persistence.restore(
+                    self.deployer,
+                    self.registry,
+                    wait_s=s.restore_wait_s,
+                    timeout_s=max(s.infer_timeout_s, 60.0),
+                )
+            )
         _log.info(
             "coordinator serving",
             address=self.address,
@@ -313,6 +342,8 @@ class CoordinatorServer:
             await self._browser.stop()
         for task in [*self._watchers.values(), *self._tasks]:
             task.cancel()
+        if self.restored is not None:
+            self.restored.cancel()
         await self._server.stop(grace)
         if self.deployer is not None:
             await self.deployer.close()
