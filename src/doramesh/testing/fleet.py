@@ -201,6 +201,8 @@ class DaemonProcess:
     process: subprocess.Popen[bytes]
     address: str
     log: Path
+    #: The command line after ``doramesh`` (without ``--ready-file``), to restart it.
+    args: tuple[str, ...] = ()
 
 
 class SubprocessFleet:
@@ -236,7 +238,8 @@ class SubprocessFleet:
         ready = self.workdir / f"{name}.ready"
         log = self.workdir / f"{name}.log"
         cmd = [sys.executable, "-m", "doramesh", *args, "--ready-file", str(ready)]
-        with log.open("wb") as out:
+        ready.unlink(missing_ok=True)
+        with log.open("ab") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
@@ -249,7 +252,7 @@ class SubprocessFleet:
                 raise TimeoutError(f"{name} not ready in {timeout} s:\n{log.read_text()}")
             time.sleep(0.05)
         address = json.loads(ready.read_text())["address"]
-        daemon = DaemonProcess(name, proc, address, log)
+        daemon = DaemonProcess(name, proc, address, log, tuple(args))
         self.daemons[name] = daemon
         return daemon
 
@@ -257,7 +260,8 @@ class SubprocessFleet:
         """Start everything; returns the coordinator's address."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         loopback = ["--mdns-interface", "127.0.0.1", "--fleet-id", self.fleet_id]
-        security = ["--insecure"]
+        # The state dir holds the coordinator's jobs too: never the user's own, even insecure.
+        security = ["--insecure", "--state-dir", str(self.state_dir)]
         if self.secure:
             if self.authority is None:
                 self.authority = FleetAuthority.init(self.state_dir, self.fleet_id)
@@ -297,6 +301,18 @@ class SubprocessFleet:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.daemons[name].process.send_signal(sig)
+
+    def restart(self, name: str, timeout: float = 60.0) -> DaemonProcess:
+        """Start daemon ``name`` again with the same arguments, state dir and listen address
+        (killed first if it still runs), as a supervisor would; returns it once it is ready."""
+        old = self.daemons[name]
+        if old.process.poll() is None:
+            old.process.kill()
+        old.process.wait(10)
+        args = list(old.args)
+        if "--listen" in args:
+            args[args.index("--listen") + 1] = old.address
+        return self._start(name, args, timeout)
 
     def stop(self) -> None:
         for daemon in self.daemons.values():
