@@ -376,6 +376,13 @@ class CoordinatorPersistence:
         self.state.fleet_id = fleet_id or self.state.fleet_id
         self._registry: FleetRegistry | None = None
         self._restoring = False
+        if not self.state.deployments and not self._resumable():
+            # Nothing to restore: a fresh coordinator serves from its first call.
+            self.gate.open.set()
+
+    def _resumable(self) -> list[TrainingRecord]:
+        """Unfinished training jobs with a checkpoint to resume from."""
+        return [t for t in self.state.trainings.values() if not t.finished and t.checkpoint]
 
     def _save(self) -> None:
         if self._registry is not None and not self._restoring:
@@ -472,7 +479,7 @@ class CoordinatorPersistence:
         timeout_s: float,
     ) -> RestoreReport:
         records = list(self.state.deployments.values())
-        resumable = [t for t in self.state.trainings.values() if not t.finished and t.checkpoint]
+        resumable = self._resumable()
         if not records and not resumable:
             _log.info("nothing to restore")
             return RestoreReport(0, len(registry.alive()), 0.0, 0, (), (), 0.0)
