@@ -43,6 +43,8 @@ from doramesh.types import Plan
 RATE_REQUESTS = 30
 CAPACITY_REQUESTS = 24
 WARMUP_REQUESTS = 4
+#: The at-rate phase lasts at most this long (dilated seconds), with at least 8 requests.
+RATE_SECONDS = 40.0
 #: Effective GFLOP/s of one agent thread on this host that the dilation plans for: well below
 #: what a core does alone (about 80), because the box's two cores are shared.
 HOST_GFLOPS_PER_AGENT = 15.0
@@ -208,23 +210,31 @@ def run_planner_on_testbed(
     shape = scenario.zoo_sample_shape
     batch = scenario.workload.batch
     used = sorted(plan.device_ids)
-    n = WARMUP_REQUESTS + RATE_REQUESTS
+    rate = scenario.workload.rate_rps / k
+    # at most RATE_SECONDS of (dilated) time at the scenario's rate, and at least 8 requests
+    at_rate = max(8, min(RATE_REQUESTS, int(RATE_SECONDS * rate)))
+    # flat out for at most about 40 (dilated) seconds, at least 8 requests
+    flat_out = max(8, min(CAPACITY_REQUESTS, int(40.0 * plan.predicted.throughput_sps / k)))
+    n = WARMUP_REQUESTS + max(at_rate, flat_out)
     inputs = [models.example_input(model, batch, seed=i, sample_shape=shape) for i in range(n)]
     with Client(tb.coordinator_address, timeout=600) as client:
         client.deploy(model, seed=0, plan=plan, timeout=600)
         for x in inputs[:WARMUP_REQUESTS]:
             client.infer(model, x)
-    rate = scenario.workload.rate_rps / k
     busy0 = _busy_seconds(tb, used)
     tx0 = {d: tb.tx_bytes(d) for d in used}
     t0 = time.perf_counter()
-    latencies = asyncio.run(_at_rate(tb.coordinator_address, model, inputs[WARMUP_REQUESTS:], rate))
+    latencies = asyncio.run(
+        _at_rate(
+            tb.coordinator_address, model, inputs[WARMUP_REQUESTS : WARMUP_REQUESTS + at_rate], rate
+        )
+    )
     wall = time.perf_counter() - t0
     busy1 = _busy_seconds(tb, used)
     tx1 = {d: tb.tx_bytes(d) for d in used}
     # flat out: the pipeline kept full, completions per second after the first few
     done: list[float] = []
-    cap_inputs = inputs[:CAPACITY_REQUESTS]
+    cap_inputs = inputs[:flat_out]
     with Client(tb.coordinator_address, timeout=600) as client:
         for _ in client.infer_many(model, cap_inputs):
             done.append(time.perf_counter())
@@ -233,7 +243,7 @@ def run_planner_on_testbed(
     profiles = {d.node_id: d for d in scenario.devices}
     energy = 0.0
     detail: dict[str, Any] = {}
-    samples = RATE_REQUESTS * batch
+    samples = at_rate * batch
     for d in used:
         p = profiles[d]
         busy = (busy1[d] - busy0[d]) / k
@@ -254,6 +264,8 @@ def run_planner_on_testbed(
         "devices": detail,
         "wall_s": wall / k,
         "offered_rps": scenario.workload.rate_rps,
+        "requests_at_rate": at_rate,
+        "requests_flat_out": len(cap_inputs),
         "latency_violation_rate": violations,
     }
     return figures, detail_out
@@ -304,7 +316,11 @@ def run_scenario(
             errors[name] = err.message
     k = dilation or choose_dilation(scenario, list(plans.values()))
     records = []
-    with Testbed.from_scenario(scenario, dilation=k, shape_coordinator=False) as tb:
+    # A CPU-bound agent on this shared box can miss health checks for seconds; a plan deployed
+    # as given must not be dropped and re-planned for that.
+    with Testbed.from_scenario(
+        scenario, dilation=k, shape_coordinator=False, dead_after_s=60.0
+    ) as tb:
         slowdowns = dilate(tb, scenario, k)
         for name in planners:
             if name not in plans:

@@ -62,10 +62,10 @@ def add_bench_fleet_parser(bench_sub: Any) -> None:
         "--link-goodput",
         nargs="?",
         type=float,
-        const=40.0,
+        const=20.0,
         default=None,
         metavar="MBPS",
-        help="measure activation goodput over one tbf-shaped link (default 40 Mbit/s)",
+        help="measure activation goodput over one tbf-shaped link (default 20 Mbit/s)",
     )
     fleet.add_argument(
         "--dilation",
