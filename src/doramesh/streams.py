@@ -248,6 +248,12 @@ class PeerLink:
                     self.bytes_sent += size
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
             self._pending.pop(mb_id, None)
+            # The reader may already have failed this microbatch's future; the send error
+            # below is the one reported, so mark that one retrieved (asyncio would log it).
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            else:
+                fut.cancel()
             raise Unavailable(f"could not send to {self.address}: {err}") from err
         try:
             return await asyncio.wait_for(fut, timeout)
