@@ -26,8 +26,14 @@ def main() -> int:
         for name in SERVICES:
             (pkg / name).symlink_to(ROOT / "services" / name)
         cmd = [
-            sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-            "-p", "doramesh", *sys.argv[1:],
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "-p",
+            "doramesh",
+            *sys.argv[1:],
         ]
         return subprocess.run(cmd, cwd=tmp, env={"MYPYPATH": tmp, **_env()}).returncode
 

@@ -27,9 +27,7 @@ async def test_kill_an_agent_mid_stream_loses_nothing() -> None:
             dep = await client.deploy("resnet18", seed=2, qoe=QoESpec(objective="max_throughput"))
             used = {d.id for s in dep.plan.stages for d in s.devices}
             assert len(used) >= 2
-            victim = next(
-                i for i, a in enumerate(fleet.agents) if a.settings.node_id in used
-            )
+            victim = next(i for i, a in enumerate(fleet.agents) if a.settings.node_id in used)
             reference = models.build_blocks("resnet18", 2)
             inputs = [
                 models.example_input("resnet18", 1, seed=i, sample_shape=SHAPE)
