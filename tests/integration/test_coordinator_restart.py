@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from doramesh import models
-from doramesh.errors import Unavailable
+from doramesh.errors import DoraMeshError, Unavailable
 from doramesh.sdk import Client, TrainProgress
 from doramesh.testing import SubprocessFleet, wait_for
 from doramesh.training import SyntheticData
@@ -76,6 +77,41 @@ def _retry_unavailable(call: object, deadline_s: float) -> tuple[object, int]:
             time.sleep(0.1)
 
 
+class SteadyCaller(threading.Thread):
+    """One request after another through the kill and the restart, each retried on
+    ``Unavailable`` until answered; anything else is an error. Records each answer's plan
+    epoch (which incarnation's deployment served it)."""
+
+    def __init__(self, address: str, xs: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+        super().__init__(daemon=True)
+        self.address, self.xs, self.want = address, xs, want
+        self.epochs: list[int] = []
+        self.refused = 0
+        self.wrong: list[float] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.address, timeout=60) as client:
+            i = 0
+            while not self.stop.is_set():
+                x, w = self.xs[i % len(self.xs)], self.want[i % len(self.xs)]
+                try:
+                    got = client.infer_result("resnet18", x, timeout=30)
+                except Unavailable:
+                    self.refused += 1
+                    time.sleep(0.05)
+                    continue  # the same request again
+                except DoraMeshError as err:
+                    self.errors.append(f"{type(err).__name__}: {err}")
+                    return
+                self.epochs.append(got.plan_epoch)
+                diff = (got.output - w).abs().max().item()
+                if diff > TOLERANCE:
+                    self.wrong.append(diff)
+                i += 1
+
+
 def test_a_killed_coordinator_restarts_and_serves_its_deployment_again(
     fleet: SubprocessFleet,
 ) -> None:
@@ -84,12 +120,15 @@ def test_a_killed_coordinator_restarts_and_serves_its_deployment_again(
     xs = [models.example_input("resnet18", 2, seed=s, sample_shape=SHAPE) for s in range(8)]
     with torch.inference_mode():
         want = [reference(x) for x in xs]
+    caller = SteadyCaller(address, xs, want)
 
     with Client(address, timeout=60) as client:
         wait_for(lambda: len(_alive(client)) == 3, 30)
         before = client.deploy("resnet18", seed=SEED, timeout=120)
         for x, w in zip(xs[:3], want[:3], strict=True):
             assert (client.infer("resnet18", x) - w).abs().max().item() <= TOLERANCE
+    caller.start()
+    wait_for(lambda: len(caller.epochs) >= 2, 30)
     saved = json.loads((fleet.state_dir / STATE_FILE).read_text())
     assert [d["model"] for d in saved["deployments"]] == ["resnet18"]
 
@@ -110,10 +149,17 @@ def test_a_killed_coordinator_restarts_and_serves_its_deployment_again(
         assert (got - want[3]).abs().max().item() <= TOLERANCE
         for x, w in zip(xs[4:], want[4:], strict=True):
             assert (client.infer("resnet18", x) - w).abs().max().item() <= TOLERANCE
+        wait_for(lambda: sum(e > before.plan_epoch for e in caller.epochs) >= 3, 30)
+        caller.stop.set()
+        caller.join(60)
         status = client.job_status("resnet18")
         assert len(_alive(client)) == 3
-    # Each request answered exactly once by the new incarnation; none was refused and served.
-    assert status.requests_served == len(xs) - 3
+    assert not caller.errors and not caller.wrong, (caller.errors, caller.wrong)
+    # Every request the new incarnation served was answered once, to its caller: none was
+    # served without reaching its caller, none twice (a refused call never ran).
+    caller_after = sum(e == status.deployment.plan_epoch for e in caller.epochs)
+    assert set(caller.epochs) == {before.plan_epoch, status.deployment.plan_epoch}
+    assert status.requests_served == len(xs) - 3 + caller_after
     assert status.requests_failed == 0
     # A fresh plan epoch: the dead incarnation's stages were unloaded, so its traffic is refused.
     assert status.deployment.plan_epoch > before.plan_epoch
@@ -121,7 +167,8 @@ def test_a_killed_coordinator_restarts_and_serves_its_deployment_again(
     assert "restored" in log and "orphaned_stages_unloaded" in log
     print(
         f"\ncoordinator restart: process ready {started_s:.2f} s after SIGKILL, resnet18 served "
-        f"again {served_s:.2f} s after it ({refused} retries refused UNAVAILABLE meanwhile)"
+        f"again {served_s:.2f} s after it ({refused} retries refused UNAVAILABLE meanwhile); "
+        f"a steady caller: {len(caller.epochs)} answered, {caller.refused} refusals retried"
     )
     assert served_s <= RECOVERY_BOUND_S
 
@@ -213,3 +260,35 @@ def test_training_resumes_from_its_checkpoint_after_the_coordinator_restarts(
         f"max |loss diff| vs one process {max(diffs):.2e}"
     )
     assert max(diffs) <= LOSS_TOLERANCE, diffs
+
+
+def test_a_restart_rebuilds_a_static_fleet_without_mdns(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Agents listed with --agent (no multicast): the restarted coordinator, given the same
+    list, admits them again and serves the recorded deployment."""
+    procs = SubprocessFleet(
+        ("raspberry-pi-5", "mini-pc"), workdir=tmp_path_factory.mktemp("static"), mdns=False
+    )
+    try:
+        address = procs.start(timeout=90)
+        x = models.example_input("resnet18", 1, seed=3, sample_shape=SHAPE)
+        with torch.inference_mode():
+            want = models.build_blocks("resnet18", SEED)(x)
+        with Client(address, timeout=60) as client:
+            wait_for(lambda: len(_alive(client)) == 2, 30)
+            client.deploy("resnet18", seed=SEED, timeout=120)
+        killed = _kill_coordinator(procs)
+        procs.restart("coordinator")
+        with Client(address, timeout=60) as client:
+            got, _ = _retry_unavailable(
+                lambda: client.infer("resnet18", x, timeout=30), RECOVERY_BOUND_S
+            )
+            served_s = time.monotonic() - killed
+            assert {a.discovered_by for a in client.fleet()} == {"static"}
+        assert isinstance(got, torch.Tensor)
+        assert (got - want).abs().max().item() <= TOLERANCE
+        print(f"\nstatic fleet: resnet18 served again {served_s:.2f} s after the SIGKILL")
+        assert served_s <= RECOVERY_BOUND_S
+    finally:
+        procs.stop()
