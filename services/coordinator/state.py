@@ -466,6 +466,11 @@ class CoordinatorPersistence:
         self._restoring = True
         try:
             return await self._restore(deployer, registry, began, wait_s, timeout_s)
+        except Exception:
+            # Whatever broke, the coordinator serves on: clients may deploy again themselves.
+            _log.exception("restore failed")
+            models = tuple(self.state.deployments)
+            return RestoreReport(0, 0, 0.0, 0, (), models, time.monotonic() - began)
         finally:
             self._restoring = False
             self.gate.open.set()
