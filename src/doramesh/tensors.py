@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+from google.protobuf.message import DecodeError
 
 from doramesh.channels import CHUNK_BYTES
 from doramesh.errors import InvalidArgument, ResourceExhausted
@@ -196,7 +197,12 @@ def _allocate(byte_length: int) -> tuple[torch.Tensor, memoryview]:
     ``torch.empty`` rather than ``bytearray(n)``: the bytes are overwritten anyway, so zero-filling
     them first would be a wasted pass over the largest buffers in the system.
     """
-    raw = torch.empty(byte_length, dtype=torch.uint8)
+    try:
+        raw = torch.empty(byte_length, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as err:
+        # Within the limits yet more than this host can map now (strict overcommit, a small
+        # device): the sender asked too much, which must not surface as an untyped error.
+        raise ResourceExhausted(f"cannot allocate {byte_length} bytes for a tensor") from err
     return raw, raw.numpy().data
 
 
@@ -328,11 +334,18 @@ def _decode_chunk(buf: bytes) -> ChunkFrame | None:
 
 def decode_frame(buf: bytes) -> Frame:
     """An activation frame from its wire bytes: a chunk as a view of ``buf``, anything else
-    parsed by protobuf (which raises ``DecodeError`` on malformed bytes)."""
+    parsed by protobuf; malformed bytes raise ``InvalidArgument``.
+
+    As ``Forward``'s deserializer its error reaches the servicer's request iterator, so it must
+    be a ``DoraMeshError``: protobuf's ``DecodeError`` escaped the stream's error handling and
+    left the stream open with nobody reading it."""
     chunk = _decode_chunk(buf)
     if chunk is not None:
         return chunk
-    return agent_pb2.ActivationFrame.FromString(buf)
+    try:
+        return agent_pb2.ActivationFrame.FromString(buf)
+    except DecodeError as err:
+        raise InvalidArgument(f"malformed activation frame ({len(buf)} bytes): {err}") from None
 
 
 def iter_wire_frames(
