@@ -7,6 +7,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: See ``AgentSettings.max_inflight_microbatches``.
+DEFAULT_MAX_INFLIGHT_MICROBATCHES = 256
+
 
 def default_node_id() -> str:
     return f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
@@ -34,3 +37,6 @@ class AgentSettings:
     #: torch intra-op threads for stage compute (0 = torch's default).
     threads: int = 0
     device: str = "cpu"
+    #: Microbatches this agent works on at once, over all its Forward streams; one more is
+    #: answered RESOURCE_EXHAUSTED at once rather than queued.
+    max_inflight_microbatches: int = DEFAULT_MAX_INFLIGHT_MICROBATCHES

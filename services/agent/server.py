@@ -97,7 +97,12 @@ class AgentServer:
             pacer=ComputePacer(profile.gflops if s.emulate else None),
             device=s.device,
         )
-        add_agent_servicer(AgentServicer(profile, self.runtime), self._server)
+        add_agent_servicer(
+            AgentServicer(
+                profile, self.runtime, max_inflight_microbatches=s.max_inflight_microbatches
+            ),
+            self._server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
         for name in ("", AGENT_SERVICE):

@@ -19,11 +19,18 @@ import structlog
 import torch
 
 from doramesh import models
+from doramesh.admission import InflightLimit
 from doramesh.agent.runtime import LoadedStage, NextHopSpec, StageRuntime, StageSpec
 from doramesh.agent.training import ReplicaPeerSpec, TrainSettings, check_tag
 from doramesh.channels import CHUNK_BYTES
 from doramesh.convert import profile_to_pb
-from doramesh.errors import Cancelled, DoraMeshError, FailedPrecondition, InvalidArgument
+from doramesh.errors import (
+    Cancelled,
+    DoraMeshError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+)
 from doramesh.servicing import unary_errors
 from doramesh.streams import MAX_TENSOR_BYTES, fan_out
 from doramesh.tensors import Frame, FrameAssembler, iter_frames, iter_wire_frames
@@ -124,9 +131,14 @@ def _error_frame(
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    def __init__(self, profile: DeviceProfile, runtime: StageRuntime) -> None:
+    def __init__(
+        self, profile: DeviceProfile, runtime: StageRuntime, *, max_inflight_microbatches: int
+    ) -> None:
         self.profile = profile
         self.runtime = runtime
+        #: Microbatches at work over all Forward streams (each stream's own bound,
+        #: ``MAX_INFLIGHT_PER_STREAM``, only slows its sender): the excess is answered at once.
+        self.admission = InflightLimit(max_inflight_microbatches, "microbatches")
 
     @unary_errors
     async def GetProfile(
@@ -226,7 +238,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     if done is None:
                         continue
                     await slots.acquire()
+                    if not self.admission.try_acquire():
+                        slots.release()
+                        await out.put(_error_frame(done[0], self.admission.refusal()))
+                        continue
                     task = asyncio.create_task(handle(*done))
+                    # A callback, not handle's finally: a task cancelled before it ever ran
+                    # (the stream ended) never enters its body, and the slot must come back.
+                    task.add_done_callback(lambda _: self.admission.release())
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     self.runtime.track(done[0].request_id, task)
@@ -239,6 +258,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 raise
             except grpc.aio.AioRpcError as err:
                 await out.put(err)
+            except Exception as err:  # a bug here must end the stream, not leave it hanging
+                _log.exception("Forward stream failed")
+                await out.put(Internal(f"internal error: {err}"))
 
         reader = asyncio.create_task(read())
         try:

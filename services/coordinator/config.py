@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: See ``CoordinatorSettings.max_inflight_requests``.
+DEFAULT_MAX_INFLIGHT_REQUESTS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorSettings:
@@ -30,6 +33,9 @@ class CoordinatorSettings:
     weight_cache_mb: int = 4096
     #: Default deadline for one inference request when the client gives none.
     infer_timeout_s: float = 120.0
+    #: Inference requests (Infer calls and InferStream items, all callers together) in flight at
+    #: once; one more is refused at once with RESOURCE_EXHAUSTED rather than queued.
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
     #: Where the coordinator persists its jobs (deployments, training checkpoints) to restore
     #: them after a restart; "" keeps nothing (in-process fleets). The CLI uses --state-dir,
     #: the directory that also holds the fleet CA.

@@ -143,6 +143,7 @@ class CoordinatorServer:
                 self.registry,
                 self.deployer,
                 infer_timeout_s=s.infer_timeout_s,
+                max_inflight_requests=s.max_inflight_requests,
                 training=training,
             ),
             self._server,

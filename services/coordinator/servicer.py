@@ -12,6 +12,7 @@ from typing import Any
 import grpc.aio
 
 from doramesh import convert
+from doramesh.admission import InflightLimit
 from doramesh.channels import MAX_MESSAGE_BYTES
 from doramesh.coordinator.deploy import Deployer, Deployment
 from doramesh.coordinator.mix import LiveSet
@@ -100,11 +101,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         deployer: Deployer,
         *,
         infer_timeout_s: float,
+        max_inflight_requests: int,
         training: TrainingJobs | None = None,
     ) -> None:
         self.registry = registry
         self.deployer = deployer
         self.infer_timeout_s = infer_timeout_s
+        #: Shared by Infer and InferStream: a burst beyond it is shed, not queued.
+        self.admission = InflightLimit(max_inflight_requests, "inference requests")
         self.training = training or TrainingJobs(deployer)
 
     @unary_errors
@@ -156,15 +160,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def _infer(
         self, request: coordinator_pb2.InferRequest, timeout_s: float
     ) -> coordinator_pb2.InferResponse:
-        if not request.model:
-            raise InvalidArgument("model is required")
-        if not request.HasField("input"):
-            raise InvalidArgument("input tensor is required")
-        x = tensor_from_pb(request.input, max_bytes=MAX_MESSAGE_BYTES)
-        request_id = request.request_id or uuid.uuid4().hex
-        result, dep, latency_ms = await self.deployer.infer(
-            request.model, x, request_id=request_id, timeout_s=timeout_s
-        )
+        with self.admission.admit():  # before the input is decoded: shedding must be cheap
+            if not request.model:
+                raise InvalidArgument("model is required")
+            if not request.HasField("input"):
+                raise InvalidArgument("input tensor is required")
+            x = tensor_from_pb(request.input, max_bytes=MAX_MESSAGE_BYTES)
+            request_id = request.request_id or uuid.uuid4().hex
+            result, dep, latency_ms = await self.deployer.infer(
+                request.model, x, request_id=request_id, timeout_s=timeout_s
+            )
         return coordinator_pb2.InferResponse(
             request_id=request_id,
             output=tensor_to_pb(result.tensor),

@@ -105,7 +105,9 @@ def test_infer_requests_are_validated_before_the_deployer(
     model: str, has_input: bool, meta: common_pb2.TensorMeta, data: bytes
 ) -> None:
     deployer = _RecordingDeployer()
-    servicer = CoordinatorServicer(cast(Any, None), cast(Any, deployer), infer_timeout_s=1.0)
+    servicer = CoordinatorServicer(
+        cast(Any, None), cast(Any, deployer), infer_timeout_s=1.0, max_inflight_requests=8
+    )
     request = coordinator_pb2.InferRequest(model=model)
     if has_input:
         request.input.CopyFrom(common_pb2.Tensor(meta=meta, data=data))
@@ -187,7 +189,7 @@ def test_load_stage_requests_are_refused_before_any_fetch(
         weights_source="127.0.0.1:7070",
         next=hops,
     )
-    servicer = AgentServicer(cast(Any, None), load_runtime)
+    servicer = AgentServicer(cast(Any, None), load_runtime, max_inflight_microbatches=8)
     try:
         asyncio.run(servicer.LoadStage(request, _CONTEXT))
     except _Aborted as err:
@@ -254,7 +256,7 @@ async def _run_forward(servicer: AgentServicer, wires: list[bytes]) -> list[Any]
 def forward_servicer(tmp_path_factory: pytest.TempPathFactory) -> AgentServicer:
     root = tmp_path_factory.mktemp("forward")
     runtime = StageRuntime(memory_bytes=1 << 20, cache=WeightCache(root), pacer=ComputePacer(None))
-    return AgentServicer(cast(Any, None), runtime)
+    return AgentServicer(cast(Any, None), runtime, max_inflight_microbatches=8)
 
 
 @settings(_FUZZ, max_examples=100)

@@ -25,9 +25,9 @@ from types import TracebackType
 from typing import Self
 
 from doramesh import channels
-from doramesh.agent.config import AgentSettings
+from doramesh.agent.config import DEFAULT_MAX_INFLIGHT_MICROBATCHES, AgentSettings
 from doramesh.agent.server import AgentServer
-from doramesh.coordinator.config import CoordinatorSettings
+from doramesh.coordinator.config import DEFAULT_MAX_INFLIGHT_REQUESTS, CoordinatorSettings
 from doramesh.coordinator.server import CoordinatorServer
 from doramesh.planner.servicer import PlannerServer
 from doramesh.security.authority import FleetAuthority
@@ -76,6 +76,9 @@ class LocalFleet:
     #: never admit each other's agents from the shared loopback mDNS.
     fleet_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:8]}")
     dead_after_s: float = 5.0
+    #: Load shedding limits, e.g. low to test RESOURCE_EXHAUSTED.
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
+    max_inflight_microbatches: int = DEFAULT_MAX_INFLIGHT_MICROBATCHES
     planner: PlannerServer | None = None
     coordinator: CoordinatorServer | None = None
     agents: list[AgentServer] = field(default_factory=list)
@@ -142,6 +145,7 @@ class LocalFleet:
                     announce=self.mdns,
                     cache_dir=self.cache_dir / f"agent-{i}",
                     measure_s=self.measure_s,
+                    max_inflight_microbatches=self.max_inflight_microbatches,
                 ),
                 credentials=self.issue("agent", f"{cls or 'host'}-{i}"),
             )
@@ -163,6 +167,7 @@ class LocalFleet:
                 # agent longer before calling it dead than a device of its own would need.
                 dead_after_s=self.dead_after_s,
                 enrol_listen="127.0.0.1:0",
+                max_inflight_requests=self.max_inflight_requests,
             ),
             credentials=self.issue("coordinator", "coordinator"),
             authority=self.authority,
