@@ -380,6 +380,14 @@ def _rel(a: float | None, b: float | None) -> float | None:
     return (a - b) / b
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def render(records: Sequence[dict[str, Any]]) -> str:
     head = (
         "| scenario | planner | k | latency p50 ms meas / pred / sim | p95 meas / sim | "
@@ -406,6 +414,42 @@ def render(records: Sequence[dict[str, Any]]) -> str:
             f"{f(s['energy_j_per_sample'])} | {'yes' if r['qoe_met'] else 'no'} |"
         )
     return "\n".join(rows)
+
+
+#: Objective -> (figure, better is lower) for "doramesh ahead of throughput-optimal".
+_OBJECTIVE_FIGURE = {
+    "min_energy": ("energy_j_per_sample", True),
+    "min_latency": ("latency_ms_p50", True),
+    "max_throughput": ("throughput_sps", False),
+}
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario: doramesh's measured-vs-predicted error (latency p50, throughput) and
+    whether it is ahead of throughput-optimal on its own QoE objective, both measured."""
+    out = []
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r["scenario"], {})[r["planner"]] = r
+    for name, runs in by.items():
+        ours, theirs = runs.get("doramesh"), runs.get("throughput-optimal")
+        if ours is None or not ours.get("feasible"):
+            continue
+        m, p = ours["measured"], ours["predicted"]
+        row: dict[str, Any] = {
+            "scenario": name,
+            "latency_error": _rel(m["latency_ms_p50"], p["latency_ms_p50"]),
+            "throughput_error": _rel(m["throughput_sps"], p["throughput_sps"]),
+            "qoe_met": ours["qoe_met"],
+        }
+        if theirs is not None and theirs.get("feasible"):
+            key, lower = _OBJECTIVE_FIGURE[ours["objective"]]
+            a, b = m[key], theirs["measured"][key]
+            row["objective"] = ours["objective"]
+            row["doramesh"], row["throughput_optimal"] = a, b
+            row["ahead"] = a is not None and b is not None and (a < b if lower else a > b)
+        out.append(row)
+    return out
 
 
 def main(
@@ -436,8 +480,18 @@ def main(
     for path in scenarios:
         records += run_scenario(path, planners or ("doramesh", "throughput-optimal"), dilation)
         print(render(records))
+        if json_out:  # after each scenario, so a long run that is cut short keeps its records
+            Path(json_out).write_text(json.dumps(records, indent=2))
     if records:
         out["records"] = records
+        for row in summarise(records):
+            print(
+                f"{row['scenario']}: doramesh measured vs predicted latency "
+                f"{_pct(row['latency_error'])}, throughput {_pct(row['throughput_error'])}; "
+                f"QoE met: {row['qoe_met']}; on {row.get('objective')}: doramesh "
+                f"{_num(row.get('doramesh'))} vs throughput-optimal "
+                f"{_num(row.get('throughput_optimal'))} (ahead: {row.get('ahead')})"
+            )
     if json_out:
         Path(json_out).write_text(
             json.dumps(records if records and len(out) == 1 else out, indent=2)
