@@ -31,24 +31,36 @@ class WeightStore:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._by_key: OrderedDict[StageKey, tuple[bytes, str]] = OrderedDict()
+        #: One build at a time per key, and a lock only while someone wants that key: agents
+        #: may ask for any seed, so a lock per key ever asked would grow without bound.
         self._locks: dict[StageKey, asyncio.Lock] = {}
+        self._users: dict[StageKey, int] = {}
 
     async def get(self, key: StageKey) -> tuple[bytes, str]:
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            hit = self._by_key.get(key)
-            if hit is not None:
-                self._by_key.move_to_end(key)
-                return hit
-            data, digest = await asyncio.to_thread(
-                models.stage_weights, key.model, key.seed, key.first, key.last
-            )
-            self._by_key[key] = (data, digest)
-            total = sum(len(d) for d, _ in self._by_key.values())
-            while total > self.max_bytes and len(self._by_key) > 1:
-                _, (old, _) = self._by_key.popitem(last=False)
-                total -= len(old)
-            return data, digest
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                return await self._get_or_build(key)
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+    async def _get_or_build(self, key: StageKey) -> tuple[bytes, str]:
+        hit = self._by_key.get(key)
+        if hit is not None:
+            self._by_key.move_to_end(key)
+            return hit
+        data, digest = await asyncio.to_thread(
+            models.stage_weights, key.model, key.seed, key.first, key.last
+        )
+        self._by_key[key] = (data, digest)
+        total = sum(len(d) for d, _ in self._by_key.values())
+        while total > self.max_bytes and len(self._by_key) > 1:
+            _, (old, _) = self._by_key.popitem(last=False)
+            total -= len(old)
+        return data, digest
 
 
 class WeightStoreServicer(coordinator_pb2_grpc.WeightStoreServicer):

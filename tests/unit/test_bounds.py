@@ -1,0 +1,103 @@
+"""Bounded caches: each one named in the hardening issue is hit past its limit here.
+
+(Discovered peers: ``test_discovery_bounds.py``; microbatches pending per stream:
+``test_tensors.py`` and ``test_fuzz_codec.py``; requests and microbatches in flight:
+``test_admission.py`` and ``tests/integration/test_load_shedding.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from doramesh.agent import runtime as agent_runtime
+from doramesh.agent.pacing import ComputePacer
+from doramesh.agent.runtime import (
+    MAX_CANCELLED_REQUESTS,
+    MAX_RETIRED_STAGES,
+    StageRuntime,
+    WeightCache,
+)
+from doramesh.coordinator import weights
+from doramesh.coordinator.weights import StageKey, WeightStore
+
+
+@pytest.fixture
+def fake_weights(monkeypatch: pytest.MonkeyPatch) -> list[StageKey]:
+    """Stage weights of 100 bytes each, recording which were built."""
+    built: list[StageKey] = []
+
+    def stage_weights(model: str, seed: int, first: int, last: int) -> tuple[bytes, str]:
+        built.append(StageKey(model, seed, first, last))
+        return bytes(100), f"{seed:064x}"
+
+    monkeypatch.setattr(weights.models, "stage_weights", stage_weights)
+    return built
+
+
+def test_weight_store_keeps_at_most_its_bytes_most_recent_first(
+    fake_weights: list[StageKey],
+) -> None:
+    store = WeightStore(max_bytes=250)
+
+    async def scenario() -> None:
+        for seed in range(5):
+            await store.get(StageKey("m", seed, 0, 0))
+            await store.get(StageKey("m", 0, 0, 0))  # kept warm: never evicted
+        assert len(store._by_key) == 2
+        assert sum(len(d) for d, _ in store._by_key.values()) <= 250
+        assert StageKey("m", 0, 0, 0) in store._by_key
+        before = len(fake_weights)
+        await store.get(StageKey("m", 0, 0, 0))
+        assert len(fake_weights) == before  # a hit builds nothing
+
+    asyncio.run(scenario())
+
+
+def test_weight_store_keeps_no_lock_per_key_ever_asked(fake_weights: list[StageKey]) -> None:
+    """Any agent may ask for any seed: the per-key build locks must not outlive the builds."""
+    store = WeightStore(max_bytes=250)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(store.get(StageKey("m", s % 50, 0, 0)) for s in range(500)))
+
+    asyncio.run(scenario())
+    assert len(store._locks) == 0
+    assert len(store._by_key) <= 2
+    assert len(fake_weights) >= 50
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> StageRuntime:
+    return StageRuntime(memory_bytes=1 << 20, cache=WeightCache(tmp_path), pacer=ComputePacer(None))
+
+
+def test_cancelled_requests_are_bounded_oldest_forgotten(runtime: StageRuntime) -> None:
+    for i in range(MAX_CANCELLED_REQUESTS + 10):
+        runtime.cancel(f"r{i}")
+    assert len(runtime.cancelled) == MAX_CANCELLED_REQUESTS
+    assert not runtime.is_cancelled("r0")
+    assert runtime.is_cancelled(f"r{MAX_CANCELLED_REQUESTS + 9}")
+
+
+def test_retired_stages_are_bounded_oldest_forgotten(
+    runtime: StageRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_links(stage: Any) -> None:
+        return None
+
+    monkeypatch.setattr(agent_runtime, "_close_links", no_links)
+
+    async def scenario() -> None:
+        for i in range(MAX_RETIRED_STAGES + 10):
+            runtime.stages[f"s{i}"] = SimpleNamespace(spec=SimpleNamespace(plan_epoch=i))  # type: ignore[assignment]
+            assert await runtime.unload(f"s{i}")
+
+    asyncio.run(scenario())
+    assert len(runtime.retired) == MAX_RETIRED_STAGES
+    assert "s0" not in runtime.retired
+    assert runtime.retired[f"s{MAX_RETIRED_STAGES + 9}"] == MAX_RETIRED_STAGES + 9
