@@ -32,6 +32,8 @@ class AgentSettings:
     announce: bool = True
     #: Where fetched stage weights are cached, by digest.
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "doramesh" / "weights")
+    #: Bytes of stage weights kept in ``cache_dir`` (least recently used evicted first).
+    weight_cache_mb: int = 4096
     #: Seconds spent measuring this device's speed at start.
     measure_s: float = 0.5
     #: torch intra-op threads for stage compute (0 = torch's default).

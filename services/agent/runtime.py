@@ -12,6 +12,7 @@ training links; its checkpoints live next to the weight cache, under ``checkpoin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -130,10 +131,12 @@ def _training_copies(spec: StageSpec) -> int:
 
 
 class WeightCache:
-    """Stage weights on disk, content-addressed by sha256."""
+    """Stage weights on disk, content-addressed by sha256, at most ``max_bytes`` of them: the
+    least recently used files go first (the one just written always stays)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_bytes: int | None = None) -> None:
         self.root = root
+        self.max_bytes = max_bytes
 
     def path(self, digest: str) -> Path:
         return self.root / f"{digest}.safetensors"
@@ -147,6 +150,7 @@ class WeightCache:
             _log.warning("cached weights corrupt; refetching", digest=digest[:12])
             path.unlink(missing_ok=True)
             return None
+        os.utime(path)  # most recently used: the last to be evicted
         return data
 
     def put(self, digest: str, data: bytes) -> None:
@@ -154,6 +158,22 @@ class WeightCache:
         tmp = self.path(digest).with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(data)
         tmp.replace(self.path(digest))
+        if self.max_bytes is not None:
+            self._evict(keep=self.path(digest))
+
+    def _evict(self, *, keep: Path) -> None:
+        files = []
+        for path in self.root.glob("*.safetensors"):
+            with contextlib.suppress(FileNotFoundError):  # another process evicted it
+                st = path.stat()
+                files.append((st.st_mtime_ns, st.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= (self.max_bytes or 0):
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
 
 
 async def fetch_weights(spec: StageSpec, *, timeout_s: float = 300.0) -> bytes:

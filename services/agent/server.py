@@ -93,7 +93,7 @@ class AgentServer:
         self.profile = profile
         self.runtime = StageRuntime(
             memory_bytes=profile.memory_bytes,
-            cache=WeightCache(s.cache_dir),
+            cache=WeightCache(s.cache_dir, max_bytes=s.weight_cache_mb << 20),
             pacer=ComputePacer(profile.gflops if s.emulate else None),
             device=s.device,
         )

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -101,3 +103,29 @@ def test_retired_stages_are_bounded_oldest_forgotten(
     assert len(runtime.retired) == MAX_RETIRED_STAGES
     assert "s0" not in runtime.retired
     assert runtime.retired[f"s{MAX_RETIRED_STAGES + 9}"] == MAX_RETIRED_STAGES + 9
+
+
+def test_agent_weight_cache_keeps_at_most_its_bytes_least_recently_used_first(
+    tmp_path: Path,
+) -> None:
+    cache = WeightCache(tmp_path, max_bytes=250)
+    digests = [hashlib.sha256(bytes([i]) * 100).hexdigest() for i in range(4)]
+
+    def put(i: int) -> None:
+        cache.put(digests[i], bytes([i]) * 100)
+        # Distinct, increasing use times (a coarse file system clock must not decide the order).
+        os.utime(cache.path(digests[i]), ns=(i * 10**9, i * 10**9))
+
+    put(0)
+    put(1)
+    assert cache.get(digests[0]) is not None  # used now: newer than 1
+    put(2)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(
+        f"{d}.safetensors" for d in (digests[0], digests[2])
+    )
+    cache.put(digests[3], bytes([3]) * 100)  # the newest always stays
+    assert cache.get(digests[3]) is not None
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.safetensors")) <= 250
+    big = WeightCache(tmp_path / "big", max_bytes=10)
+    big.put(digests[1], bytes([1]) * 100)  # larger than the bound: kept, it is in use
+    assert big.get(digests[1]) is not None
