@@ -41,6 +41,13 @@ def add_testbed_parser(sub: Any) -> None:
         default=1.0,
         help="multiply the dynamics' times by this (0.25: four times faster)",
     )
+    run.add_argument(
+        "--dilation",
+        type=float,
+        default=1.0,
+        help="run k times slower than the scenario (agents slowed, links and rate at 1/k; "
+        "figures reported in the scenario's time), for fleets faster than this box",
+    )
     run.add_argument("--json", dest="json_out", default=None, metavar="OUT")
 
 
@@ -117,7 +124,8 @@ def run_testbed(args: argparse.Namespace) -> int:
     from doramesh.testing.testbed import Testbed
 
     scenario = load_scenario(args.scenario)
-    tb = Testbed.from_scenario(scenario)
+    k = getattr(args, "dilation", 1.0)
+    tb = Testbed.from_scenario(scenario, dilation=k, dead_after_s=5.0)
     if args.testbed == "up":
         tb.up()
         tb.detach()
@@ -126,7 +134,9 @@ def run_testbed(args: argparse.Namespace) -> int:
         print(f"state in {path}; `doramesh testbed down --prefix {tb.prefix}` removes it")
         return 0
     with tb:
-        report = run_with_dynamics(tb, scenario, args.planner, args.seconds, args.time_scale)
+        report = run_with_dynamics(
+            tb, scenario, args.planner, args.seconds, args.time_scale, dilation=k
+        )
     print(json.dumps(report, indent=2))
     if args.json_out:
         from pathlib import Path
@@ -136,36 +146,68 @@ def run_testbed(args: argparse.Namespace) -> int:
 
 
 def run_with_dynamics(
-    tb: Any, scenario: Any, planner: str, seconds: float | None, time_scale: float
+    tb: Any,
+    scenario: Any,
+    planner: str,
+    seconds: float | None,
+    time_scale: float,
+    *,
+    dilation: float = 1.0,
 ) -> dict[str, Any]:
-    """Serve the scenario's workload at its rate while its dynamics trace is applied live."""
+    """Serve the scenario's workload at its rate while its dynamics trace is applied live.
+
+    With ``dilation`` k, everything runs k times slower (see ``doramesh.bench.fleet``) and the
+    report is in the scenario's own time.
+    """
     from doramesh import models
+    from doramesh.bench.fleet import dilate
     from doramesh.sdk import AsyncClient, Client
+
+    k = dilation
+    base = dilate(tb, scenario, k) if k != 1.0 else {d.node_id: 1.0 for d in scenario.devices}
+    time_scale *= k
 
     model = scenario.zoo_model
     if model is None:
         raise SystemExit("the testbed runs zoo models (an explicit layer table has no weights)")
     events = sorted(scenario.dynamics, key=lambda e: e.at_s)
-    duration = seconds or (max((e.at_s for e in events), default=0.0) * time_scale + 10.0)
+    duration = (seconds or max((e.at_s for e in events), default=0.0) * time_scale / k + 10.0) * k
+    from doramesh.planner import api
+
+    # The plan comes from the scenario's own figures and is deployed as given: an emulating
+    # agent on a host slower than its device reports the host's speed, which the coordinator's
+    # planner would plan with. Re-plans after the dynamics (a host leaving) are the
+    # coordinator's, on what the agents report.
+    plan = api.plan(
+        scenario.devices,
+        scenario.model,
+        scenario.network,
+        scenario.workload,
+        scenario.qoe,
+        planner=planner,
+    ).plans[0]
     with Client(tb.coordinator_address, timeout=600) as client:
-        dep = client.deploy(
-            model, qoe=scenario.qoe, workload=scenario.workload, planner=planner, timeout=600
-        )
+        dep = client.deploy(model, plan=plan, timeout=600)
     applied: list[dict[str, Any]] = []
+
+    factor = {d.node_id: 1.0 for d in scenario.devices}
 
     def apply(event: Any) -> None:
         if event.bandwidth_mbps is not None:
-            tb.set_bandwidth(event.bandwidth_mbps)
+            tb.set_bandwidth(event.bandwidth_mbps / k)
         if event.device is not None:
+            if event.slowdown is not None:
+                factor[event.device] = event.slowdown
             if event.leave:
                 tb.kill_agent(event.device)
             if event.join:
                 tb.start_agent(event.device)
-            if event.slowdown is not None:
-                tb.slow(event.device, event.slowdown)
+                tb.wait_for_agents([event.device], 120)
+            if event.slowdown is not None or event.join:
+                tb.slow(event.device, base[event.device] * factor[event.device])
 
     async def serve() -> dict[str, Any]:
-        rate = scenario.workload.rate_rps or 1.0
+        rate = (scenario.workload.rate_rps or 1.0) / k
         n = max(1, int(duration * rate))
         shape = scenario.zoo_sample_shape
         batch = scenario.workload.batch
@@ -176,7 +218,8 @@ def run_with_dynamics(
             for event in events:
                 await asyncio.sleep(max(0.0, start + event.at_s * time_scale - time.perf_counter()))
                 await asyncio.to_thread(apply, event)
-                applied.append({"at_s": round(time.perf_counter() - start, 2), **_event(event)})
+                at = (time.perf_counter() - start) / k
+                applied.append({"at_s": round(at, 2), **_event(event)})
 
         async with AsyncClient(tb.coordinator_address, timeout=120) as client:
 
@@ -187,7 +230,7 @@ def run_with_dynamics(
                     r = await client.infer_result(model, x)
                 except Exception:  # a failed request is counted, not raised
                     return
-                results[i] = (i / rate, r.latency_ms, r.plan_epoch)
+                results[i] = (i / rate / k, r.latency_ms / k, r.plan_epoch)
 
             await asyncio.gather(dynamics(), *(one(i) for i in range(n)))
         done = [r for r in results if r is not None]
@@ -206,6 +249,7 @@ def run_with_dynamics(
     return {
         "scenario": scenario.name,
         "planner": planner,
+        "dilation": k,
         "first_plan": [[s.first, s.last, [d.id for d in s.devices]] for s in dep.plan.stages],
         "events": applied,
         **report,
