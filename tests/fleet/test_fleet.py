@@ -180,3 +180,54 @@ def test_agent_killed_mid_run_loses_nothing(testbed: Testbed) -> None:
         testbed.wait_for_agents(["orin"], 60)
     assert len(set(epochs)) >= 2, "the tail of the stream ran on a new plan"
     assert time.monotonic() - start < 120
+
+
+#: The coordinator's dead-after window (2 s) plus a heartbeat and slack for a loaded 2-core box.
+PARTITION_DETECTION_S = 6.0
+
+
+def test_partitioned_host_mid_run_loses_nothing(testbed: Testbed) -> None:
+    """iptables cuts the host running the middle of the pipeline off the LAN mid-stream (its
+    packets vanish: no reset, connections just hang). The coordinator declares it dead within
+    the stated bound, replays what was in flight on a new plan, and every answer arrives once,
+    equal to local; healed, the host is admitted again."""
+    plan = _plan(
+        [(0, 3, [("pi5", 1.0)]), (4, 6, [("orin", 1.0)]), (7, 9, [("pi4", 1.0)])],
+        "three-hosts-cut",
+    )
+    with Client(testbed.coordinator_address, timeout=120) as client:
+        client.deploy("resnet18", seed=4, plan=plan)
+    detected: list[float] = []
+
+    def cut_and_time() -> None:
+        start = time.monotonic()
+        testbed.cut("orin")
+        testbed.wait_for_agents(["orin"], 3 * PARTITION_DETECTION_S, state="dead")
+        detected.append(time.monotonic() - start)
+
+    try:
+        _, epochs, _ = _stream_with_fault(
+            testbed, 40, 10, threading.Thread(target=cut_and_time), seed=4
+        )
+    finally:
+        testbed.heal("orin")
+    assert detected and detected[0] <= PARTITION_DETECTION_S, detected
+    assert len(set(epochs)) >= 2, "the tail of the stream ran on a new plan"
+    testbed.wait_for_agents(["orin"], 30)
+
+
+def test_lossy_link_mid_run_loses_nothing(testbed: Testbed) -> None:
+    """5% of the packets the middle host receives are dropped (iptables statistic) from the
+    middle of the stream on: TCP retransmits, every answer arrives once, equal to local."""
+    plan = _plan(
+        [(0, 3, [("pi5", 1.0)]), (4, 6, [("orin", 1.0)]), (7, 9, [("pi4", 1.0)])],
+        "three-hosts-lossy",
+    )
+    testbed.wait_for_agents(["pi5", "orin", "pi4"], 30)
+    with Client(testbed.coordinator_address, timeout=120) as client:
+        client.deploy("resnet18", seed=5, plan=plan)
+    lossy = threading.Thread(target=testbed.loss, args=("orin", 0.05))
+    try:
+        _stream_with_fault(testbed, 40, 10, lossy, seed=5)
+    finally:
+        testbed.clear_loss("orin", 0.05)

@@ -327,5 +327,14 @@ class Lan:
             f"--probability {probability} -j DROP",
         )
 
+    def clear_loss(self, name: str, probability: float) -> None:
+        ns = self.hosts[name].ns
+        run(
+            ns,
+            f"iptables -D INPUT -i eth0 -m statistic --mode random "
+            f"--probability {probability} -j DROP",
+            check=False,
+        )
+
     def destroy(self) -> None:
         remove_prefix(self.prefix)

@@ -379,6 +379,15 @@ class Testbed:
         assert self.lan is not None
         self.lan.heal(self._host_names[node_id])
 
+    def loss(self, node_id: str, probability: float) -> None:
+        """Drop a random ``probability`` of the packets the host receives (iptables)."""
+        assert self.lan is not None
+        self.lan.loss(self._host_names[node_id], probability)
+
+    def clear_loss(self, node_id: str, probability: float) -> None:
+        assert self.lan is not None
+        self.lan.clear_loss(self._host_names[node_id], probability)
+
     def slow(self, node_id: str, factor: float, *, timeout: float = 5.0) -> None:
         """The agent computes ``factor`` times slower (its pacing fault hook)."""
         from doramesh.channels import create_sync_channel
