@@ -1267,7 +1267,6 @@ def _solve_highs(
     options = {
         "time_limit": budget,
         "mip_rel_gap": mip_gap,
-        "threads": 1,
         "random_seed": 0,
         # Probing in presolve can take the whole time limit on these models and rarely pays.
         "presolve_rule_off": 1 << 15,
