@@ -105,6 +105,8 @@ def _mdns_interfaces(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from doramesh.agent.config import DEFAULT_MAX_INFLIGHT_MICROBATCHES
+    from doramesh.coordinator.config import DEFAULT_MAX_INFLIGHT_REQUESTS
     from doramesh.fleet_cli import add_fleet_admin, add_security_flags
 
     parser = argparse.ArgumentParser(
@@ -176,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         agent,
+        "--weight-cache-mb",
+        "WEIGHT_CACHE_MB",
+        "stage weights kept in --cache-dir, MiB (least recently used evicted first)",
+        type=int,
+        default=_env("WEIGHT_CACHE_MB", 4096, int),
+    )
+    _add(
+        agent,
         "--measure-s",
         "MEASURE_S",
         "seconds spent measuring compute speed at start",
@@ -189,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         "torch intra-op threads (0: torch's default)",
         type=int,
         default=_env("THREADS", 0, int),
+    )
+    _add(
+        agent,
+        "--max-inflight",
+        "MAX_INFLIGHT",
+        "microbatches worked on at once over all streams; more are refused (RESOURCE_EXHAUSTED)",
+        type=int,
+        default=_env("MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT_MICROBATCHES, int),
     )
     _add(
         agent,
@@ -269,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         coord,
+        "--max-inflight",
+        "MAX_INFLIGHT",
+        "inference requests in flight at once (all callers); more are refused (RESOURCE_EXHAUSTED)",
+        type=int,
+        default=_env("MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT_REQUESTS, int),
+    )
+    _add(
+        coord,
         "--network-mbps",
         "NETWORK_MBPS",
         "shared LAN bandwidth the planner assumes",
@@ -282,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
         "LAN latency the planner assumes",
         type=float,
         default=_env("NETWORK_LATENCY_MS", 0.5, float),
+    )
+    _add(
+        coord,
+        "--restore-wait-s",
+        "RESTORE_WAIT_S",
+        "after a restart, wait this long for the agents it last knew before re-deploying the "
+        "jobs kept in --state-dir, seconds",
+        type=float,
+        default=_env("RESTORE_WAIT_S", 15.0, float),
+    )
+    _add(
+        coord,
+        "--no-persist",
+        "NO_PERSIST",
+        "keep no jobs in --state-dir: a restart forgets deployments and checkpoints",
+        action="store_true",
+        default=_env_bool("NO_PERSIST"),
     )
     _model_import_flag(coord)
     _common_daemon_flags(coord)
@@ -483,9 +526,11 @@ def _run_agent(args: argparse.Namespace) -> None:
         mdns_interfaces=_mdns_interfaces(args),
         announce=not args.no_announce,
         cache_dir=args.cache_dir,
+        weight_cache_mb=args.weight_cache_mb,
         measure_s=args.measure_s,
         threads=args.threads,
         device=args.device,
+        max_inflight_microbatches=args.max_inflight,
     )
     asyncio.run(_serve(AgentServer(settings, credentials=credentials), args.ready_file))
 
@@ -515,9 +560,12 @@ def _run_coordinator(args: argparse.Namespace) -> None:
         fleet_id=args.fleet_id or (credentials.fleet_id if credentials else ""),
         heartbeat_s=args.heartbeat_s,
         dead_after_s=args.dead_after_s,
+        max_inflight_requests=args.max_inflight,
         network_mbps=args.network_mbps,
         network_latency_ms=args.network_latency_ms,
         enrol_listen=args.enrol_listen,
+        state_dir="" if args.no_persist else str(args.state_dir),
+        restore_wait_s=args.restore_wait_s,
     )
     server = CoordinatorServer(settings, credentials=credentials, authority=authority)
     asyncio.run(_serve(server, args.ready_file))
@@ -663,14 +711,14 @@ def main(argv: list[str] | None = None) -> None:
                     model=args.model,
                 )
             )
-        if args.bench == "runtime":
-            from doramesh.bench.runtime import main as runtime_main
-
-            sys.exit(runtime_main(args.json_out, requests=args.requests))
         if args.bench == "fleet":
             from doramesh.testing.testbed_cli import run_bench_fleet
 
             sys.exit(run_bench_fleet(args))
+        if args.bench == "runtime":
+            from doramesh.bench.runtime import main as runtime_main
+
+            sys.exit(runtime_main(args.json_out, requests=args.requests))
         if args.bench == "planning-time":
             from doramesh.bench.planning_time import main as planning_time_main
 
