@@ -7,6 +7,7 @@ import random
 import time
 
 import pytest
+from planner_fixtures import MB, device, uniform_table
 
 from doramesh.errors import FailedPrecondition, InvalidArgument
 from doramesh.planner import api, cost, dp
@@ -26,42 +27,6 @@ from doramesh.types import (
 )
 
 OBJECTIVES: tuple[Objective, ...] = ("min_latency", "max_throughput", "min_energy")
-MB = 1_000_000
-
-
-def device(
-    name: str,
-    gflops: float,
-    memory_mb: float = 10_000,
-    *,
-    idle: float = 2.0,
-    active: float = 6.0,
-    tx: float = 1.0,
-) -> DeviceProfile:
-    return DeviceProfile(
-        node_id=NodeId(name),
-        device_class="test",
-        gflops=gflops,
-        memory_bytes=int(memory_mb * MB),
-        power_idle_w=idle,
-        power_active_w=active,
-        power_tx_w=tx,
-    )
-
-
-def uniform_table(
-    n: int, *, gflops: float = 1.0, param_mb: float = 10, act_mb: float = 0.1
-) -> LayerTable:
-    layers = tuple(
-        LayerInfo(
-            f"l{i}",
-            gflops=gflops,
-            param_bytes=int(param_mb * MB),
-            activation_bytes=int(act_mb * MB),
-        )
-        for i in range(n)
-    )
-    return LayerTable("uniform", layers, input_bytes=1000)
 
 
 def random_instance(
