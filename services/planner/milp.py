@@ -1261,7 +1261,7 @@ def _solve_highs(
     # Compiling took part of the budget; leave some for HiGHS' own overrun of its limit and
     # for reading the answer back and checking it.
     left = deadline - time.perf_counter()
-    budget = left - max(0.05, 0.15 * left)
+    budget = left - max(0.1, 0.25 * left)
     if budget < 0.01:
         return "not-run", None, False
     options = {
