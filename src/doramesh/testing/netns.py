@@ -203,6 +203,29 @@ class Lan:
             self._redirect_to_medium(port)
         return host
 
+    def splice(self, name: str) -> tuple[str, str]:
+        """Cut host ``name``'s link to the bridge so a forwarder can join it again.
+
+        Its veth end ``pN`` leaves the bridge and a new pair ``fN``-``qN`` is added with ``qN``
+        as the bridge port; returns ``(pN, fN)``, the ends the forwarder (in the bridge
+        namespace) joins. Done before :meth:`shared_medium`, so the medium takes ``qN``.
+        """
+        if self._shared_rate_mbps is not None:
+            raise RuntimeError("splice hosts before setting up the shared medium")
+        host = self.hosts[name]
+        br, index = self.bridge_ns, host.port[1:]
+        host_side, lan_side, port = host.port, f"f{index}", f"q{index}"
+        run(br, f"ip link set {host_side} nomaster")
+        run(br, f"ip link add {lan_side} type veth peer name {port}")
+        run(br, f"ip link set {port} master br0")
+        for dev in (host_side, lan_side):
+            # the forwarder's ends carry others' frames only: no IPv6 of their own on the LAN
+            run(br, f"sysctl -q -w net.ipv6.conf.{dev}.disable_ipv6=1")
+            run(br, f"ip link set {dev} promisc on up")
+        run(br, f"ip link set {port} up")
+        self.hosts[name] = Host(host.ns, port, host.address)
+        return host_side, lan_side
+
     def route_from_root(self, gateway: str) -> str:
         """A veth from the root namespace to host ``gateway`` (which forwards to the LAN).
 

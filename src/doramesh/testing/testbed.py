@@ -40,9 +40,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from doramesh.testing.compose import COMPOSE_FILE, ComposeService, load_compose, start_order
+from doramesh.testing.delay import DelaySpec, start_forwarder
 from doramesh.testing.netns import (
     Lan,
     NetnsUnavailable,
@@ -111,6 +112,10 @@ class Testbed:
     #: first stage unshaped, as in a scenario where the data starts on that device.
     shape_coordinator: bool = True
     extra_agent_env: Mapping[str, str] = field(default_factory=dict)
+    #: One-way delay (ms) every LAN hop adds, and its jitter: a userspace forwarder on each
+    #: host's link, the coordinator's included (doramesh.testing.delay). None: no forwarders.
+    latency_ms: float | None = None
+    jitter_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self.fleet_id = self.fleet_id or self.prefix
@@ -177,6 +182,8 @@ class Testbed:
         lan.add_host("co")
         for host in self.hosts:
             lan.add_host(self._host_names[host.node_id])
+        if self.latency_ms is not None:
+            self._start_forwarders(lan, DelaySpec(self.latency_ms, self.jitter_ms))
         lan.route_from_root("co")
         if self.shared_mbps is not None:
             lan.shared_medium(self.shared_mbps, exempt=() if self.shape_coordinator else ("co",))
@@ -220,6 +227,17 @@ class Testbed:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- daemons ---------------------------------------------------------------------------
+    def _start_forwarders(self, lan: Lan, spec: DelaySpec) -> None:
+        """A delay forwarder on every host's link (daemon ``delay-<node id>``/``delay-co``)."""
+        assert self.workdir is not None
+        node_ids = {name: node_id for node_id, name in self._host_names.items()}
+        for seed, name in enumerate(list(lan.hosts)):
+            daemon_name = f"delay-{node_ids.get(name, name)}"
+            log = self.workdir / f"{daemon_name}.log"
+            proc = start_forwarder(lan, name, spec, seed=seed, log=log)
+            argv = cast(list[str], proc.args)
+            self.daemons[daemon_name] = Daemon(daemon_name, lan.bridge_ns, argv, {}, log, proc)
+
     def _path_env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DORAMESH_")}

@@ -23,6 +23,7 @@ def add_testbed_parser(sub: Any) -> None:
     tb_sub = tb.add_subparsers(dest="testbed", required=True, metavar="ACTION")
     up = tb_sub.add_parser("up", help="start a scenario's testbed and leave it running")
     up.add_argument("scenario", help="scenario file (YAML)")
+    _add_latency_flags(up)
     down = tb_sub.add_parser("down", help="stop testbeds and remove their namespaces")
     down.add_argument(
         "--prefix", default=None, help="only this run's prefix (default: every testbed)"
@@ -49,6 +50,38 @@ def add_testbed_parser(sub: Any) -> None:
         "figures reported in the scenario's time), for fleets faster than this box",
     )
     run.add_argument("--json", dest="json_out", default=None, metavar="OUT")
+    _add_latency_flags(run)
+
+
+def _latency(value: str) -> float | str:
+    return value if value == "scenario" else float(value)
+
+
+def _scenario_latency(network: Any) -> float:
+    """The scenario's one-way hop latency. A host's forwarder delays all it sends alike, so a
+    ``links`` network's latencies must agree."""
+    if network.kind == "shared":
+        return float(network.latency_ms)
+    values = {link.latency_ms for link in network.links}
+    if len(values) != 1:
+        raise SystemExit(f"the links' latencies differ ({sorted(values)}): give --latency-ms MS")
+    return float(values.pop())
+
+
+def _add_latency_flags(parser: Any) -> None:
+    parser.add_argument(
+        "--latency-ms",
+        nargs="?",
+        const="scenario",
+        type=_latency,
+        default=None,
+        metavar="MS",
+        help="one-way delay each LAN hop adds, by a userspace forwarder per host (no value: "
+        "the scenario's network.latency_ms; default: none)",
+    )
+    parser.add_argument(
+        "--jitter-ms", type=float, default=0.0, help="jitter around --latency-ms (uniform)"
+    )
 
 
 def add_bench_fleet_parser(bench_sub: Any) -> None:
@@ -80,6 +113,12 @@ def add_bench_fleet_parser(bench_sub: Any) -> None:
         default=None,
         help="time dilation k (default: chosen per scenario)",
     )
+    fleet.add_argument(
+        "--contention",
+        action="store_true",
+        help="a latency-critical and a bulk plan on one shared medium, measured paced and "
+        "unpaced in one run (see doramesh.bench.contention)",
+    )
 
 
 def _exit_on_sigterm() -> None:
@@ -92,6 +131,10 @@ def run_bench_fleet(args: argparse.Namespace) -> int:
     _exit_on_sigterm()
     from doramesh.bench.fleet import main
 
+    if args.contention:
+        from doramesh.bench.contention import main as contention
+
+        return contention(json_out=args.json_out, dilation=args.dilation)
     if not args.scenario and args.link_goodput is None:
         print("doramesh bench fleet: give --scenario FILE and/or --link-goodput", file=sys.stderr)
         return 2
@@ -125,7 +168,18 @@ def run_testbed(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     k = getattr(args, "dilation", 1.0)
-    tb = Testbed.from_scenario(scenario, dilation=k, dead_after_s=5.0)
+    latency = (
+        _scenario_latency(scenario.network) if args.latency_ms == "scenario" else args.latency_ms
+    )
+    if latency is None and args.jitter_ms:
+        latency = 0.0
+    tb = Testbed.from_scenario(
+        scenario,
+        dilation=k,
+        dead_after_s=5.0,
+        latency_ms=None if latency is None else latency * k,
+        jitter_ms=args.jitter_ms * k,
+    )
     if args.testbed == "up":
         tb.up()
         tb.detach()
