@@ -42,3 +42,7 @@ class CoordinatorSettings:
     state_dir: str = ""
     #: After a restart, how long to wait for the agents it last knew before re-deploying.
     restore_wait_s: float = 15.0
+    #: Token-bucket pacing of the activation flows (the network scheduler's rates and bursts,
+    #: over every live plan of every model together). Off: every sender is unpaced and TCP
+    #: alone shares the medium. ``SetPacing`` switches it live.
+    pacing: bool = True

@@ -4,7 +4,15 @@ and keep what inference needs (the entry link, the plan epoch, latency statistic
 A training job deploys its own stages (``deploy_training``): the same plan checks and loading,
 with each replica told its optimizer, its rank and its stage's replica group, and entered
 through training links. Those stages belong to the job, not to the model's serving deployment,
-and are unloaded when the job ends."""
+and are unloaded when the job ends.
+
+Pacing is fleet-wide: when plans of several models are live at once they share the medium, so
+the deployer runs the network scheduler over all of them together (``netsched.schedule_jobs``,
+each plan with its own model's layer table, workload and QoE, each device at its measured
+speed) and re-sets the senders' token buckets live; a model alone keeps the buckets its plan
+set came with. ``set_pacing(False)`` lifts every bucket (TCP alone shares the medium) and
+``set_pacing(True)`` puts them back. Training jobs keep the buckets they were loaded with (the
+agents re-pace inference flows only) and are not part of the joint schedule."""
 
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ from doramesh.errors import (
     Unavailable,
     error_for,
 )
+from doramesh.planner import netsched
 from doramesh.security.credentials import CURRENT_CREDENTIALS
 from doramesh.streams import PeerLink, Replica, StageResult, fan_out
 from doramesh.training import OptimizerSpec, TrainLink, TrainReplica, optimizer_to_pb
@@ -121,6 +130,9 @@ class Deployment:
     train_entry: list[TrainReplica] = field(default_factory=list)
     #: Per replica stage id, the step its checkpoint was taken at (0 when not resumed).
     resumed_steps: dict[str, int] = field(default_factory=dict)
+    #: The plan as the fleet-wide network scheduler priced it beside the other models' live
+    #: plans (its flows are the buckets in force); None while the model is alone.
+    paced: Plan | None = None
 
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
@@ -139,6 +151,7 @@ class Deployer:
         network: Network,
         weights_source: str,
         max_plans: int = 1,
+        pacing: bool = True,
     ) -> None:
         self.registry = registry
         #: The coordinator's identity, as it is where the deployer is made: channels opened
@@ -171,6 +184,11 @@ class Deployer:
         self._changed = asyncio.Event()
         #: Per device, the computations counted at the last stats poll.
         self._computations: dict[NodeId, int] = {}
+        #: Whether senders' token buckets are in force (``set_pacing``).
+        self.pacing = pacing
+        #: Per (sender address, stage id, next stage id): the (rate Mbit/s, burst kB) last set.
+        self._buckets: dict[tuple[str, str, str], tuple[float, float]] = {}
+        self._pace_lock = asyncio.Lock()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._agent_channels.get(address)
@@ -269,6 +287,7 @@ class Deployer:
             self._install(live)
             if old is not None:
                 await self._retire_set(old)
+        await self.repace()
         self._start_adapter()
         if self.on_deployed is not None:
             self.on_deployed(live, given)
@@ -488,12 +507,15 @@ class Deployer:
                     address=n.address,
                     stage_id=n.stage_id,
                     share=n.share,
-                    rate_mbps=flow.rate_mbps if flow else 0.0,
-                    burst_kb=flow.burst_kb if flow else 0.0,
+                    rate_mbps=flow.rate_mbps if flow and self.pacing else 0.0,
+                    burst_kb=flow.burst_kb if flow and self.pacing else 0.0,
                 )
                 for n in nxt
                 for flow in [flows.get((replica.device, n.device))]
             ]
+            for hop in hops:
+                key = (replica.address, replica.stage_id, hop.stage_id)
+                self._buckets[key] = (hop.rate_mbps, hop.burst_kb)
             request = agent_pb2.LoadStageRequest(
                 stage_id=replica.stage_id,
                 plan_epoch=dep.plan_epoch,
@@ -800,6 +822,7 @@ class Deployer:
             live.reweight(alive, reason, force=True)
             self.deployments[live.model] = live.primary
         _log.warning("plans dropped", model=live.model, epochs=gone, shares=live.shares)
+        self._spawn(self.repace())
 
     def _replan_soon(self, model: str, trigger: float, reason: str) -> None:
         if model in self._replanning:
@@ -869,6 +892,7 @@ class Deployer:
                 seconds=round(live.replan_live_s[-1], 3),
             )
         await self._retire_set(old)
+        await self.repace()
         return live
 
     async def _retire_set(self, live: LiveSet) -> None:
@@ -915,6 +939,8 @@ class Deployer:
                         _log.info(
                             "device speed changed", node_id=node_id, slowdown=round(factor, 2)
                         )
+        if changed and len(lives) > 1:
+            await self.repace()  # the joint schedule prices each device at its measured speed
         alive = self._alive()
         for live in lives:
             dead = {d for dep in live.plans.values() for d in dep.plan.device_ids} - alive
@@ -976,6 +1002,97 @@ class Deployer:
         return float(stats.seconds_per_gflop * record.profile.gflops)
 
     # -- live pacing --------------------------------------------------------------------------
+
+    async def set_pacing(self, enabled: bool) -> int:
+        """Switch every live inference flow's token bucket on (the scheduler's rates) or off
+        (unpaced), live; plans loaded later follow. Returns the buckets re-set."""
+        self.pacing = enabled
+        _log.info("pacing switched", enabled=enabled)
+        return await self.repace()
+
+    def _joint_schedule(self) -> None:
+        """Price every live plan of every model together (``Deployment.paced``), when more than
+        one model has live plans; each device at the speed the adapter last accepted for it."""
+        lives = [live for live in self.live.values() if live.plans]
+        known = {r.profile.node_id: r.profile for r in self.registry.agents.values()}
+        together = [
+            live
+            for live in lives
+            if all(d in known for dep in live.plans.values() for d in dep.plan.device_ids)
+        ]
+        for live in lives:
+            for dep in live.plans.values():
+                dep.paced = None
+        if len(together) < 2:
+            return
+        slowdown: dict[NodeId, float] = {}
+        for live in together:
+            for node_id, factor in live.slowdown().items():
+                slowdown[node_id] = max(slowdown.get(node_id, 0.0), factor)
+        devices = [
+            replace(p, gflops=p.gflops / slowdown.get(n, 1.0)) if slowdown.get(n, 1.0) > 0 else p
+            for n, p in known.items()
+        ]
+        jobs = [
+            netsched.Job(
+                tuple(dep.plan for dep in live.plans.values()),
+                models.layer_table(live.model),
+                live.workload,
+                live.qoe,
+            )
+            for live in together
+        ]
+        for live, plans in zip(
+            together, netsched.schedule_jobs(jobs, devices, self.network), strict=True
+        ):
+            for dep, plan in zip(live.plans.values(), plans, strict=True):
+                dep.paced = plan
+
+    async def repace(self) -> int:
+        """Bring every sender's token bucket in line with the joint schedule (or lift them all
+        when pacing is off); only buckets that change are re-set. Returns how many were."""
+        async with self._pace_lock:
+            for model in self.live:
+                await asyncio.to_thread(models.layer_table, model)  # cached after the first
+            self._joint_schedule()
+            want: dict[tuple[str, str, str], tuple[float, float]] = {}
+            for live in self.live.values():
+                for dep in live.plans.values():
+                    plan = dep.paced or dep.plan
+                    flows = {(f.src, f.dst): f for f in plan.flows}
+                    for here, nxt in itertools.pairwise(dep.replicas):
+                        for a in here:
+                            for b in nxt:
+                                flow = flows.get((a.device, b.device))
+                                bucket = (0.0, 0.0)
+                                if flow is not None and self.pacing:
+                                    bucket = (flow.rate_mbps, flow.burst_kb)
+                                want[(a.address, a.stage_id, b.stage_id)] = bucket
+            changes = {k: v for k, v in want.items() if self._buckets.get(k) != v}
+            done = await asyncio.gather(*(self._set_bucket(k, v) for k, v in changes.items()))
+            failed = {k for k, ok in zip(changes, done, strict=True) if not ok}
+            self._buckets = {k: v for k, v in want.items() if k not in failed}
+            if changes:
+                _log.info("flows re-paced", pacing=self.pacing, flows=sum(done))
+            return sum(done)
+
+    async def _set_bucket(self, key: tuple[str, str, str], bucket: tuple[float, float]) -> bool:
+        address, stage_id, next_stage_id = key
+        try:
+            await self.agent_stub(address).SetFlowRate(
+                agent_pb2.SetFlowRateRequest(
+                    stage_id=stage_id,
+                    next_stage_id=next_stage_id,
+                    rate_mbps=bucket[0],
+                    burst_kb=bucket[1],
+                ),
+                timeout=DEFAULT_RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as err:
+            # A dead agent or a stage retired meanwhile: the next re-pacing tries again.
+            _log.warning("could not re-pace a flow", stage_id=stage_id, error=err.details())
+            return False
+        return True
 
     async def set_flow_rate(
         self,

@@ -133,6 +133,7 @@ class CoordinatorServer:
                 kind="shared", bandwidth_mbps=s.network_mbps, latency_ms=s.network_latency_ms
             ),
             weights_source=self.address,
+            pacing=s.pacing,
         )
         training = None
         if self.persistence is not None:

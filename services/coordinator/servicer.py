@@ -38,7 +38,8 @@ def deployment_to_pb(dep: Deployment, share: float = 0.0) -> coordinator_pb2.Dep
     return coordinator_pb2.Deployment(
         model=dep.model,
         plan_epoch=dep.plan_epoch,
-        plan=convert.plan_to_pb(dep.plan),
+        # The buckets in force: the fleet-wide schedule's when other models' plans are live.
+        plan=convert.plan_to_pb(dep.paced or dep.plan),
         status=dep.status,
         error=dep.error,
         share=share,
@@ -236,6 +237,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             reweights=len(live.reweights) if live is not None else 0,
             requests_replayed=live.replayed if live is not None else dep.replayed,
             replan_live_s=live.replan_live_s if live is not None else [],
+        )
+
+    @unary_errors
+    async def SetPacing(
+        self, request: coordinator_pb2.SetPacingRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> coordinator_pb2.SetPacingResponse:
+        changed = await self.deployer.set_pacing(request.enabled)
+        return coordinator_pb2.SetPacingResponse(
+            enabled=self.deployer.pacing, flows_changed=changed
         )
 
     @stream_errors

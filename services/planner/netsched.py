@@ -80,6 +80,26 @@ class _Flow:
     domain: tuple[str, str] = ("shared", "")
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job's live plans with what they serve: its model's layer table, workload and QoE.
+
+    ``latency_critical`` names the plans whose latency SLO is protected first; None: every plan
+    of the job is critical when its QoE has a latency bound, none otherwise.
+    """
+
+    plans: tuple[Plan, ...]
+    table: LayerTable
+    workload: Workload
+    qoe: QoESpec
+    latency_critical: frozenset[PlanId] | None = None
+
+    def critical(self, plan: Plan) -> bool:
+        if self.latency_critical is None:
+            return bool(self.qoe.latency_ms)
+        return plan.plan_id in self.latency_critical
+
+
 def schedule(
     plans: Sequence[Plan],
     devices: Sequence[DeviceProfile],
@@ -90,22 +110,37 @@ def schedule(
     *,
     latency_critical: set[PlanId] | None = None,
 ) -> tuple[Plan, ...]:
-    """The plans with every flow's token bucket set and their predictions re-priced.
+    """The plans of one job with every flow's token bucket set and their predictions re-priced
+    (``schedule_jobs`` with one job)."""
+    critical = None if latency_critical is None else frozenset(latency_critical)
+    (out,) = schedule_jobs([Job(tuple(plans), table, workload, qoe, critical)], devices, network)
+    return out
 
-    ``latency_critical`` names the plans whose latency SLO is protected first; by default every
-    plan is critical when the QoE has a latency bound, none otherwise.
+
+def schedule_jobs(
+    jobs: Sequence[Job], devices: Sequence[DeviceProfile], network: Network
+) -> tuple[tuple[Plan, ...], ...]:
+    """Every job's plans with their token buckets set together, per job in the given order.
+
+    The plans of different jobs (different models, a latency-critical camera next to a bulk
+    job) share the medium like the plans of one job do, so they are scheduled as one set: each
+    plan is priced with its own job's layer table and workload, and a critical plan's SLO is
+    its own job's.
     """
-    if not plans:
-        return ()
+    entries = [(job, p) for job in jobs for p in job.plans]
+    if not entries:
+        return tuple(() for _ in jobs)
+    plans = [p for _, p in entries]
+    tables = [job.table for job, _ in entries]
+    workloads = [job.workload for job, _ in entries]
+    qoes = [job.qoe for job, _ in entries]
     lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
-    if latency_critical is None:
-        latency_critical = {p.plan_id for p in plans} if qoe.latency_ms else set()
     costs = [
-        cost.evaluate(p.stages, lookup, table, network, workload, microbatch=p.microbatch)
-        for p in plans
+        cost.evaluate(p.stages, lookup, t, network, w, microbatch=p.microbatch)
+        for p, t, w in zip(plans, tables, workloads, strict=True)
     ]
-    flows = _flows(plans, costs, table, network, workload)
-    critical = [p.plan_id in latency_critical for p in plans]
+    flows = _flows(plans, costs, tables, network, workloads)
+    critical = [job.critical(p) for job, p in entries]
     chunked = any(critical) and len(plans) > 1
 
     domains: dict[tuple[str, str], list[_Flow]] = {}
@@ -113,7 +148,7 @@ def schedule(
         domains.setdefault(f.domain, []).append(f)
     for key, members in domains.items():
         capacity = _capacity(network, key) * 1e6
-        _allocate(members, capacity, plans, costs, critical, qoe, network, table, workload)
+        _allocate(members, capacity, plans, costs, critical, qoes, network, tables, workloads)
         for f in members:
             f.burst_bytes = f.bits / 8
             if chunked and not critical[f.plan]:
@@ -124,7 +159,7 @@ def schedule(
     out: list[Plan] = []
     for k, plan in enumerate(plans):
         mine = sorted((f for f in flows if f.plan == k), key=lambda f: f.index)
-        paced = _paced_prediction(k, plan, costs[k], mine, flows, network, lookup, workload)
+        paced = _paced_prediction(k, plan, costs[k], mine, flows, network, lookup, workloads[k])
         new_flows = list(plan.flows)
         for f in mine:
             new_flows[f.index] = Flow(
@@ -134,19 +169,25 @@ def schedule(
                 burst_kb=f.burst_bytes / 1e3,
             )
         out.append(replace(plan, flows=tuple(new_flows), predicted=paced))
-    return tuple(out)
+    grouped: list[tuple[Plan, ...]] = []
+    start = 0
+    for job in jobs:
+        grouped.append(tuple(out[start : start + len(job.plans)]))
+        start += len(job.plans)
+    return tuple(grouped)
 
 
 def _flows(
     plans: Sequence[Plan],
     costs: Sequence[cost.PlanCost],
-    table: LayerTable,
+    tables: Sequence[LayerTable],
     network: Network,
-    workload: Workload,
+    workloads: Sequence[Workload],
 ) -> list[_Flow]:
     """One ``_Flow`` per entry of each plan's ``flows`` that carries bytes."""
     out: list[_Flow] = []
     for k, (plan, pc) in enumerate(zip(plans, costs, strict=True)):
+        table, workload = tables[k], workloads[k]
         carried: dict[tuple[NodeId, NodeId], tuple[float, int]] = {}
         cuts = list(itertools.pairwise(plan.stages))
         for b, (before, after) in enumerate(cuts):
@@ -243,10 +284,10 @@ def _allocate(
     plans: Sequence[Plan],
     costs: Sequence[cost.PlanCost],
     critical: Sequence[bool],
-    qoe: QoESpec,
+    qoes: Sequence[QoESpec],
     network: Network,
-    table: LayerTable,
-    workload: Workload,
+    tables: Sequence[LayerTable],
+    workloads: Sequence[Workload],
 ) -> None:
     """Rates for the flows of one domain (see the module docstring).
 
@@ -272,7 +313,8 @@ def _allocate(
         # What the others may take so that every critical plan's transfers meet its SLO.
         allowance = capacity_bps - crit_floor
         for sh in crit:
-            slack = _slack_s(plans[sh.plan], costs[sh.plan], qoe, network, table, workload)
+            k = sh.plan
+            slack = _slack_s(plans[k], costs[k], qoes[k], network, tables[k], workloads[k])
             if network.kind != "shared":
                 # This link's part of the plan's wire budget.
                 total = sum(f.bits for f in members if f.plan == sh.plan)
@@ -381,4 +423,4 @@ def _paced_prediction(
     )
 
 
-__all__ = ["CHUNK_BYTES", "MIN_BURST_BYTES", "schedule"]
+__all__ = ["CHUNK_BYTES", "MIN_BURST_BYTES", "Job", "schedule", "schedule_jobs"]

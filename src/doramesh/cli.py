@@ -320,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(
         coord,
+        "--no-pacing",
+        "NO_PACING",
+        "start with token-bucket pacing of activation flows off (SetPacing switches it live)",
+        action="store_true",
+        default=_env_bool("NO_PACING"),
+    )
+    _add(
+        coord,
         "--no-persist",
         "NO_PERSIST",
         "keep no jobs in --state-dir: a restart forgets deployments and checkpoints",
@@ -566,6 +574,7 @@ def _run_coordinator(args: argparse.Namespace) -> None:
         enrol_listen=args.enrol_listen,
         state_dir="" if args.no_persist else str(args.state_dir),
         restore_wait_s=args.restore_wait_s,
+        pacing=not args.no_pacing,
     )
     server = CoordinatorServer(settings, credentials=credentials, authority=authority)
     asyncio.run(_serve(server, args.ready_file))

@@ -437,6 +437,17 @@ class Client:
             raise from_rpc_error(err) from None
         return _job_status(resp)
 
+    def set_pacing(self, enabled: bool, *, timeout: float | None = None) -> int:
+        """Switch the token-bucket pacing of every live inference flow on or off, fleet-wide
+        and live; returns how many senders' buckets changed."""
+        try:
+            resp = self._stub.SetPacing(
+                coordinator_pb2.SetPacingRequest(enabled=enabled), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return int(resp.flows_changed)
+
 
 class AsyncClient:
     """asyncio client of a coordinator; safe to share among tasks."""
@@ -605,3 +616,13 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return _job_status(resp)
+
+    async def set_pacing(self, enabled: bool, *, timeout: float | None = None) -> int:
+        """See ``Client.set_pacing``."""
+        try:
+            resp = await self._stub.SetPacing(
+                coordinator_pb2.SetPacingRequest(enabled=enabled), timeout=self._t(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return int(resp.flows_changed)

@@ -220,3 +220,32 @@ def test_schedule_is_pure() -> None:
     assert first == second
     assert plan.flows[0].rate_mbps == 0.0  # the input is untouched
     assert netsched.schedule([], devices, tab, network, workload, QoESpec()) == ()
+
+
+def test_jobs_of_different_models_are_scheduled_together() -> None:
+    """A camera model with an SLO and a bulk model without one, each priced with its own layer
+    table, workload and QoE: the camera's SLO caps the bulk job, as within one job."""
+    devices = [device(n) for n in ("cam", "hub", "nas", "pc")]
+    network = Network("shared", 100, 0)
+    camera_table = table(act_mb=1.0)  # 8 Mbit per frame; 1 GFLOP a layer: 50 ms
+    bulk_table = table(act_mb=4.0)  # 32 Mbit per sample
+    camera_load = Workload("inference", 1, rate_rps=2.0)
+    bulk_load = Workload("inference", 1, rate_rps=0.0)
+    camera = pipeline(("cam", "hub"), devices, camera_table, network, camera_load)
+    bulk = pipeline(("nas", "pc"), devices, bulk_table, network, bulk_load)
+    slo = QoESpec(latency_ms=200.0)  # 100 ms of compute: 100 ms of wire for 8 Mbit
+    jobs = [
+        netsched.Job((camera,), camera_table, camera_load, slo),
+        netsched.Job((bulk,), bulk_table, bulk_load, QoESpec(objective="max_throughput")),
+    ]
+    (paced_camera,), (paced_bulk,) = netsched.schedule_jobs(jobs, devices, network)
+    assert paced_camera.predicted.latency_ms <= 200.0 * (1 + 1e-6)
+    assert paced_bulk.flows[0].rate_mbps <= 100 - 8 / 0.1 + 1e-6  # what the SLO leaves
+    assert paced_camera.flows[0].burst_kb == 1000.0  # a whole frame's activation at once
+    assert paced_bulk.flows[0].burst_kb <= netsched.CHUNK_BYTES / 1e3
+    # One job alone is what ``schedule`` gives.
+    (alone,) = netsched.schedule_jobs([jobs[1]], devices, network)
+    assert alone == netsched.schedule(
+        [bulk], devices, bulk_table, network, bulk_load, QoESpec(objective="max_throughput")
+    )
+    assert alone[0].flows[0].rate_mbps > paced_bulk.flows[0].rate_mbps

@@ -213,3 +213,17 @@ class TrainProgress(_message.Message):
     samples_per_s: float
     resumed_from: int
     def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., last_step: _Optional[int] = ..., loss: _Optional[float] = ..., step_ms: _Optional[float] = ..., plan_epoch: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., checkpoint: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., resumed_from: _Optional[int] = ...) -> None: ...
+
+class SetPacingRequest(_message.Message):
+    __slots__ = ("enabled",)
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    def __init__(self, enabled: _Optional[bool] = ...) -> None: ...
+
+class SetPacingResponse(_message.Message):
+    __slots__ = ("enabled", "flows_changed")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    FLOWS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    flows_changed: int
+    def __init__(self, enabled: _Optional[bool] = ..., flows_changed: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.SerializeToString,
                 response_deserializer=doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.FromString,
                 _registered_method=True)
+        self.SetPacing = channel.unary_unary(
+                '/doramesh.v1.Coordinator/SetPacing',
+                request_serializer=doramesh_dot_v1_dot_coordinator__pb2.SetPacingRequest.SerializeToString,
+                response_deserializer=doramesh_dot_v1_dot_coordinator__pb2.SetPacingResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -110,6 +115,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPacing(self, request, context):
+        """Switches the token-bucket pacing of every activation flow of the live inference plans on
+        or off, live, fleet-wide (off: every sender's bucket lifted, TCP alone shares the medium).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.FromString,
                     response_serializer=doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.SerializeToString,
+            ),
+            'SetPacing': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPacing,
+                    request_deserializer=doramesh_dot_v1_dot_coordinator__pb2.SetPacingRequest.FromString,
+                    response_serializer=doramesh_dot_v1_dot_coordinator__pb2.SetPacingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Coordinator:
             '/doramesh.v1.Coordinator/Train',
             doramesh_dot_v1_dot_coordinator__pb2.TrainRequest.SerializeToString,
             doramesh_dot_v1_dot_coordinator__pb2.TrainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPacing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/doramesh.v1.Coordinator/SetPacing',
+            doramesh_dot_v1_dot_coordinator__pb2.SetPacingRequest.SerializeToString,
+            doramesh_dot_v1_dot_coordinator__pb2.SetPacingResponse.FromString,
             options,
             channel_credentials,
             insecure,
