@@ -35,6 +35,21 @@ How the figures are derived, so they can be checked and redone:
   idle (no source measures it per device, so all ``power_tx_w`` figures are estimates).
   ``battery_wh`` is ``None`` for mains-powered devices.
 
+* Power modes (``power_modes``): the speeds a device can be switched to (Jetson ``nvpmodel``
+  modes, an x86 package power limit, a cpufreq ``scaling_max_freq`` cap), each as a speed
+  factor on ``gflops`` and the active draw in that mode. The first mode is the top one: factor
+  1.0 and exactly ``power_active_w``, so a plan that runs flat out is priced as before. Lower
+  clocks do less work per second but, as dynamic power goes with f x V^2 and the voltage falls
+  with the clock, more work per joule until static and idle power dominate. Where a lower mode's
+  power is published (a Jetson mode *is* its power budget) it is used; where it is measured on
+  a sister board it is transferred as the draw above idle; elsewhere it is an *estimate* from
+  one stated model: draw above idle scales with the speed factor squared,
+  ``P(s) = idle + (active - idle) x s^2``. The exponent is calibrated on the one measured pair
+  of the same chip at two power limits, the Intel N100 (below): speed 37.224 / 62.851 = 0.592,
+  draw above idle (16 - 9.1) / (25 - 5.5) = 0.354, exponent ln 0.354 / ln 0.592 = 1.98. Speed
+  factors of CPU modes are clock ratios (compute-bound work scales with the clock); of Jetson
+  modes the GPU clock ratio (the figures are the GPU's).
+
 Main measured source: Jeff Geerling's SBC benchmark data,
 https://github.com/geerlingguy/sbc-reviews/blob/master/web/data/results.yml (HPL GFLOP/s, and power
 at the wall: idle, and during HPL), one issue per board, cited below.
@@ -47,6 +62,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from doramesh.errors import NotFound
+from doramesh.types import PowerMode
 
 GIB = 1 << 30
 
@@ -70,6 +86,13 @@ class DeviceClass:
     battery_wh: float | None
     #: The torch device the figures assume ("cuda" on Jetsons); None = CPU.
     accelerator: str | None
+    #: Modes it can be switched to, top mode first (factor 1.0 at ``power_active_w``).
+    power_modes: tuple[PowerMode, ...] = ()
+
+
+def _squared_model(name: str, speed: float, idle_w: float, active_w: float) -> PowerMode:
+    """A lower mode priced by the module's estimate: draw above idle goes with speed^2."""
+    return PowerMode(name, speed, round(idle_w + (active_w - idle_w) * speed**2, 2))
 
 
 def _gib(n: float) -> int:
@@ -83,6 +106,8 @@ _CLASSES = (
     # during HPL. Effective 1.0 x 11.774 = 11.8 (Arm factor, estimate). Usable: 4 GiB minus 1 GiB
     # for Raspberry Pi OS, the agent and torch (estimate). tx: estimate for the Ethernet/Wi-Fi
     # radio while streaming.
+    # Modes: cpufreq caps (scaling_max_freq). 1.5 GHz, the clock of the first boards: factor
+    # 1.5 / 1.8 = 0.833, power by the squared model (estimate).
     DeviceClass(
         name="raspberry-pi-4",
         gflops=11.8,
@@ -94,6 +119,10 @@ _CLASSES = (
         power_tx_w=0.6,
         battery_wh=None,
         accelerator=None,
+        power_modes=(
+            PowerMode("1.8GHz", 1.0, 7.2),
+            _squared_model("1.5GHz", 1.5 / 1.8, 1.6, 7.2),
+        ),
     ),
     # Raspberry Pi 5, 8 GB. Product brief (raspberrypi.com, "Raspberry Pi 5 product brief"):
     # BCM2712, 4x Cortex-A76 at 2.4 GHz, LPDDR4X-4267. Geerling sbc-reviews issue #21: HPL
@@ -101,6 +130,8 @@ _CLASSES = (
     # run: 30.249 GFLOP/s at 11 W). Effective 1.0 x 37.888 = 37.9 (Arm factor, estimate); for
     # scale, the fp32 NEON peak is 4 cores x 16 FLOP/cycle x 2.4 GHz = 153.6. Usable: 8 GiB minus
     # 1.5 GiB (estimate). tx: estimate, as for the Pi 4.
+    # Modes: cpufreq caps. 1.5 GHz: factor 1.5 / 2.4 = 0.625, power by the squared model
+    # (estimate).
     DeviceClass(
         name="raspberry-pi-5",
         gflops=37.9,
@@ -112,6 +143,10 @@ _CLASSES = (
         power_tx_w=0.6,
         battery_wh=None,
         accelerator=None,
+        power_modes=(
+            PowerMode("2.4GHz", 1.0, 13.8),
+            _squared_model("1.5GHz", 1.5 / 2.4, 2.8, 13.8),
+        ),
     ),
     # NVIDIA Jetson Nano (4 GB). NVIDIA Jetson Nano module datasheet: 128-core Maxwell GPU at
     # 921.6 MHz, "472 GFLOPS" (that is FP16), 4x Cortex-A57 at 1.43 GHz, 4 GB 64-bit LPDDR4 shared
@@ -120,6 +155,9 @@ _CLASSES = (
     # the 10 W MAXN module budget. Idle: estimate, module input rail at idle as commonly read from
     # tegrastats (about 1.2-2 W). Usable: 4 GiB minus 1.5 GiB for L4T, the CUDA context and torch
     # (estimate). tx: estimate.
+    # Modes (NVIDIA Jetson Linux developer guide, "Power Management for Jetson Nano", nvpmodel
+    # table): MAXN (10 W, GPU up to 921.6 MHz) and 5W (GPU up to 640 MHz, two CPU cores at
+    # 918 MHz): factor 640 / 921.6 = 0.694, active power the mode's 5 W budget.
     DeviceClass(
         name="jetson-nano",
         gflops=70.8,
@@ -131,6 +169,10 @@ _CLASSES = (
         power_tx_w=0.6,
         battery_wh=None,
         accelerator="cuda",
+        power_modes=(
+            PowerMode("MAXN", 1.0, 10.0),
+            PowerMode("5W", 640 / 921.6, 5.0),
+        ),
     ),
     # NVIDIA Jetson Orin Nano 8 GB. NVIDIA Jetson Orin Nano series datasheet: 1024-core Ampere GPU
     # (32 tensor cores) at up to 625 MHz, 6x Cortex-A78AE, 8 GB 128-bit LPDDR5 (68 GB/s) shared,
@@ -139,6 +181,9 @@ _CLASSES = (
     # assumed. Active: the 15 W mode budget. Idle: estimate (no published figure; module plus
     # carrier at desktop idle). Usable: 8 GiB minus 2 GiB for JetPack, the CUDA context and torch
     # (estimate). tx: estimate.
+    # Modes (NVIDIA Jetson Linux developer guide, "Power Management for Jetson Orin Nano",
+    # nvpmodel table): 15W (GPU up to 625 MHz) and 7W (GPU up to 408 MHz): factor 408 / 625 =
+    # 0.653, active power the mode's 7 W budget.
     DeviceClass(
         name="jetson-orin-nano",
         gflops=384.0,
@@ -150,6 +195,10 @@ _CLASSES = (
         power_tx_w=0.6,
         battery_wh=None,
         accelerator="cuda",
+        power_modes=(
+            PowerMode("15W", 1.0, 15.0),
+            PowerMode("7W", 408 / 625, 7.0),
+        ),
     ),
     # Google Pixel 8. Google Pixel 8 tech specs (store.google.com): Tensor G3, 8 GB LPDDR5X,
     # battery 4575 mAh typical. Battery: 4575 mAh x 3.87 V = 17.7 Wh (the cell voltage is an
@@ -163,6 +212,8 @@ _CLASSES = (
     # and a wake lock held (the agent keeps the CPU awake); 6 W sustained all-core load before
     # throttling; 1.0 W extra for Wi-Fi transmit. Usable: 3 GiB of 8 GB, since Android keeps
     # its system and cached apps resident (estimate).
+    # Modes: a cpufreq cap at 60% of each cluster's top clock (factor 0.6; Android exposes
+    # scaling_max_freq to root only), power by the squared model (estimate).
     DeviceClass(
         name="pixel-8",
         gflops=52.0,
@@ -174,6 +225,10 @@ _CLASSES = (
         power_tx_w=1.0,
         battery_wh=17.7,
         accelerator=None,
+        power_modes=(
+            PowerMode("max", 1.0, 6.0),
+            _squared_model("cap-60", 0.6, 0.5, 6.0),
+        ),
     ),
     # A thin-and-light x86 laptop, modelled on the Framework Laptop 13 (AMD Ryzen 7040 series).
     # Geerling sbc-reviews issue #90: HPL 88.787 GFLOP/s; 2.7 W idle, 41.6 W during HPL.
@@ -184,6 +239,8 @@ _CLASSES = (
     # configuration (estimate); usable 12 GiB, since a laptop is also someone's workstation.
     # tx: estimate for Wi-Fi transmit. Also the fallback power model of an agent that runs on a
     # host without power sensors.
+    # Modes: a cpufreq cap at 60% of the top clock (amd-pstate scaling_max_freq, what a
+    # "power-saver" profile sets), factor 0.6, power by the squared model (estimate).
     DeviceClass(
         name="laptop-x86",
         gflops=178.0,
@@ -195,6 +252,10 @@ _CLASSES = (
         power_tx_w=1.0,
         battery_wh=61.0,
         accelerator=None,
+        power_modes=(
+            PowerMode("max", 1.0, 41.6),
+            _squared_model("cap-60", 0.6, 2.7, 41.6),
+        ),
     ),
     # A fanless Intel N100 mini PC / edge box. Intel ark, Intel Processor N100: 4 cores (E-cores),
     # up to 3.4 GHz, 6 W processor base power, 16 GB maximum memory (single channel). Geerling
@@ -203,6 +264,10 @@ _CLASSES = (
     # a lower limit and reached 37.224 GFLOP/s at 16 W, issue #48). Effective 2.0 x 62.851 = 126
     # (x86 factor). Memory: the 16 GB maximum; usable 14 GiB for a headless box (estimate).
     # tx: estimate for wired Ethernet.
+    # Modes: the package power limit (PL1). The board above runs it high; the Radxa X4 holds
+    # it low and reached 37.224 GFLOP/s at 16 W with 9.1 W idle (issue #48): factor 37.224 /
+    # 62.851 = 0.592, and its 6.9 W above idle added to this board's 5.5 W idle gives 12.4 W
+    # (the transfer between boards is an estimate).
     DeviceClass(
         name="mini-pc",
         gflops=126.0,
@@ -214,6 +279,10 @@ _CLASSES = (
         power_tx_w=0.5,
         battery_wh=None,
         accelerator=None,
+        power_modes=(
+            PowerMode("pl-high", 1.0, 25.0),
+            PowerMode("pl-low", 37.224 / 62.851, 12.4),
+        ),
     ),
 )
 

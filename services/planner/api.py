@@ -36,11 +36,12 @@ Baseline planners live in ``baselines.py`` (``BASELINES``), imported when first 
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -107,6 +108,13 @@ COLD_IMPORT_BUDGET_S = 8.0
 #: Share of the time limit the solvers may use; the rest covers coarsening, checks, the network
 #: scheduler and the interpreter's own jitter.
 SOLVER_SHARE = 0.85
+#: ``min_energy`` over power modes: whole-fleet mode assignments searched at most, the share of
+#: the time left they may use together, and the time below which no further one starts.
+MODE_ASSIGNMENTS_LIMIT = 16
+MODE_SEARCH_SHARE = 0.6
+MODE_MIN_SECONDS = 0.05
+#: Mode combinations of one plan's own devices priced at most (one device at a time past it).
+MODE_COMBOS_LIMIT = 256
 
 _OBJECTIVES: tuple[Objective, ...] = ("min_latency", "max_throughput", "min_energy")
 
@@ -650,6 +658,8 @@ def _plan_doramesh(
         used_bounds = bounds
     if first is None:
         raise _explain(search, bounds)
+    if objective == "min_energy":
+        first = _slower_modes(search, first, used_bounds)
 
     found = _disjoint_plans(search, first, used_bounds, bounds, objective, max_plans)
     if (objective == "max_throughput" or not keeps_up) and workload.kind == "inference":
@@ -702,6 +712,125 @@ def _plan_doramesh(
         seconds=round(seconds, 3),
     )
     return report
+
+
+def _mode_assignments(devices: Sequence[DeviceProfile]) -> list[dict[str, str]]:
+    """Power-mode assignments to search whole-fleet, each ``{node_id: mode}`` with the top mode
+    left out: every one when there are at most ``MODE_ASSIGNMENTS_LIMIT``, else each lower mode
+    rank for the whole fleet and for each device class alone (devices of a class usually sit
+    on the same side of the energy trade-off)."""
+    switchable = [d for d in devices if len(d.power_modes) > 1]
+    if not switchable:
+        return []
+    choices = [[""] + [m.name for m in d.power_modes[1:]] for d in switchable]
+    if math.prod(len(c) for c in choices) <= MODE_ASSIGNMENTS_LIMIT:
+        return [
+            {d.node_id: mode for d, mode in zip(switchable, combo, strict=True) if mode}
+            for combo in itertools.product(*choices)
+            if any(combo)
+        ]
+    out: list[dict[str, str]] = []
+    classes = sorted({d.device_class for d in switchable})
+    for rank in range(1, max(len(c) for c in choices)):
+        for only in (None, *classes):
+            assignment: dict[str, str] = {
+                d.node_id: d.power_modes[min(rank, len(d.power_modes) - 1)].name
+                for d in switchable
+                if only is None or d.device_class == only
+            }
+            if assignment not in out:
+                out.append(assignment)
+    return out[:MODE_ASSIGNMENTS_LIMIT]
+
+
+def _in_modes(stages: Sequence[StagePlan], assignment: Mapping[str, str]) -> tuple[StagePlan, ...]:
+    """``stages`` with every device share naming the device's mode in ``assignment``."""
+    return tuple(
+        StagePlan(
+            s.first,
+            s.last,
+            tuple(replace(m, mode=assignment.get(m.id, "")) for m in s.devices),
+        )
+        for s in stages
+    )
+
+
+def _slower_modes(search: _Search, first: _Candidate, bounds: milp.Bounds) -> _Candidate:
+    """The least-energy plan over power modes (``min_energy``): a device in a lower mode is a
+    slower, more frugal variant of itself, so the search reruns on fleets of such variants (one
+    mode per device, ``_mode_assignments``), each with a share of the time left; then the best
+    plan's own devices get the modes that serve it best, every combination priced by the cost
+    model (``MODE_COMBOS_LIMIT``; one device at a time past it). Exact on small fleets (every
+    assignment searched), a heuristic on large ones."""
+    assignments = _mode_assignments(search.devices)
+    if not assignments:
+        return first
+    found = [first]
+    for k, assignment in enumerate(assignments):
+        if search.left() <= MODE_MIN_SECONDS:
+            search.notes.append(
+                f"power modes: {k} of {len(assignments)} assignments searched in the time limit"
+            )
+            break
+        fleet = tuple(d.in_mode(assignment.get(d.node_id, "")) for d in search.devices)
+        variant = replace(search, devices=fleet, notes=[])
+        share = MODE_SEARCH_SHARE / (len(assignments) - k)
+        cand = variant.best(fleet, bounds, "min_energy", share=share)
+        if cand is None:
+            continue
+        stages = _in_modes(cand.stages, assignment)
+        pc = search._valid(stages, bounds, "min_energy")
+        if pc is not None:
+            found.append(_Candidate(stages, pc, cand.method + "+modes"))
+    best = min(found, key=lambda c: milp.objective_key("min_energy", c.pc))
+    return _best_modes(search, best, bounds)
+
+
+def _best_modes(search: _Search, cand: _Candidate, bounds: milp.Bounds) -> _Candidate:
+    """``cand``'s devices and split with each device's power mode chosen for least energy."""
+    lookup = {d.node_id: d for d in search.devices}
+    used = [
+        lookup[i]
+        for i in dict.fromkeys(m.id for s in cand.stages for m in s.devices)
+        if len(lookup[i].power_modes) > 1
+    ]
+    if not used:
+        return cand
+    choices = [[""] + [m.name for m in d.power_modes[1:]] for d in used]
+    current = {m.id: m.mode for s in cand.stages for m in s.devices if m.mode}
+    best_key = milp.objective_key("min_energy", cand.pc)
+    best = cand
+
+    def offer(assignment: Mapping[str, str]) -> bool:
+        nonlocal best, best_key
+        stages = _in_modes(cand.stages, assignment)
+        pc = search._valid(stages, bounds, "min_energy")
+        if pc is None:
+            return False
+        key = milp.objective_key("min_energy", pc)
+        if key < best_key:
+            best_key, best = key, _Candidate(stages, pc, cand.method.split("+modes")[0] + "+modes")
+            return True
+        return False
+
+    if math.prod(len(c) for c in choices) <= MODE_COMBOS_LIMIT:
+        for combo in itertools.product(*choices):
+            if search.left() <= 0:
+                break
+            offer({d.node_id: mode for d, mode in zip(used, combo, strict=True) if mode})
+        return best
+    for _ in range(3):  # one device at a time, while it helps
+        moved = False
+        for d, options in zip(used, choices, strict=True):
+            for mode in options:
+                if search.left() <= 0:
+                    return best
+                trial = {**current, d.node_id: mode}
+                if offer({k: v for k, v in trial.items() if v}):
+                    current, moved = trial, True
+        if not moved:
+            break
+    return best
 
 
 def _disjoint_plans(
@@ -1078,6 +1207,7 @@ def validate(
         _non_negative(device.power_active_w, f"device {name}: power_active_w")
         _non_negative(device.power_tx_w, f"device {name}: power_tx_w")
         _non_negative(device.battery_wh, f"device {name}: battery_wh")
+        _check_modes(device)
 
     if network.kind == "shared":
         _positive(network.bandwidth_mbps, "network.bandwidth_mbps")
@@ -1094,6 +1224,31 @@ def validate(
             _non_negative(link.latency_ms, f"{where}.latency_ms")
     else:
         raise InvalidArgument(f"network.kind must be 'shared' or 'links', got {network.kind!r}")
+
+
+def _check_modes(device: DeviceProfile) -> None:
+    """Power modes: named once each, the first the top one (the profile's own figures), every
+    other no faster than it."""
+    if not device.power_modes:
+        return
+    where = f"device {device.node_id}: power_modes"
+    top = device.power_modes[0]
+    if top.speed_factor != 1.0 or top.power_active_w != device.power_active_w:
+        raise InvalidArgument(
+            f"{where}[0] must be the top mode (speed_factor 1, power_active_w "
+            f"{device.power_active_w:g}), got {top.speed_factor:g} at {top.power_active_w:g} W"
+        )
+    names: set[str] = set()
+    for index, mode in enumerate(device.power_modes):
+        if not mode.name or mode.name in names:
+            raise InvalidArgument(f"{where}[{index}]: name must be non-empty and unique")
+        names.add(mode.name)
+        if not (math.isfinite(mode.speed_factor) and 0 < mode.speed_factor <= 1):
+            raise InvalidArgument(
+                f"{where}[{index}] ({mode.name}): speed_factor must be in (0, 1], "
+                f"got {mode.speed_factor}"
+            )
+        _non_negative(mode.power_active_w, f"{where}[{index}] ({mode.name}).power_active_w")
 
 
 def _positive(value: float, field: str) -> None:

@@ -31,6 +31,9 @@ The model, per microbatch of ``workload.batch`` samples (a request is one microb
   ``1 / throughput`` per microbatch, or ``1 / rate_rps`` when the workload asks for fewer
   requests per second than the plan can serve. Devices not in the plan cost nothing.
 - *memory*: see ``stage_memory_bytes``.
+- *power modes*: a device share may name the power mode its device runs in
+  (``DeviceShare.mode``); the device is then priced at that mode's speed and active power
+  (``DeviceProfile.in_mode``), everything else as above.
 
 Training is modelled as the same pipeline with forward+backward compute and two-way transfers;
 a step is synchronous (the optimiser step ends it), so steps do not overlap and the time between
@@ -222,7 +225,7 @@ def evaluate(
     microbatch that does not divide the batch.
     """
     _check_cover(stages, len(table.layers))
-    lookup = _lookup(devices)
+    lookup = in_modes(_lookup(devices), stages)
     kind = workload.kind
     batch = workload.batch
     count = _microbatch_count(workload, microbatch)
@@ -455,6 +458,34 @@ def _allreduce(
         wire_time = sum(wires) if network.kind == "shared" else max(wires)
         total += wire_time + 2 * (n - 1) * worst_latency
     return total
+
+
+def in_modes(
+    lookup: Mapping[str, DeviceProfile], stages: Sequence[StagePlan]
+) -> Mapping[str, DeviceProfile]:
+    """The devices as they run in the plan: each in the power mode its shares name.
+
+    Raises ``ValueError`` for a mode the device does not have or a device named in two modes
+    (one device runs one mode at a time).
+    """
+    modes: dict[str, str] = {}
+    for stage in stages:
+        for member in stage.devices:
+            if modes.setdefault(member.id, member.mode) != member.mode:
+                raise ValueError(
+                    f"device {member.id} is in two power modes: {modes[member.id]!r} and "
+                    f"{member.mode!r}"
+                )
+    if not any(modes.values()):
+        return lookup
+    out = dict(lookup)
+    for node_id, mode in modes.items():
+        if mode and node_id in lookup:
+            try:
+                out[node_id] = lookup[node_id].in_mode(mode)
+            except KeyError as err:
+                raise ValueError(str(err.args[0])) from None
+    return out
 
 
 def _lookup(devices: DeviceLookup) -> Mapping[str, DeviceProfile]:

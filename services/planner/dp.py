@@ -1360,7 +1360,9 @@ def _make_plan(
 def _plan_id(stages: Sequence[StagePlan], microbatch: int) -> PlanId:
     """Content-derived id: the same plan gets the same id across re-plans."""
     text = ";".join(
-        f"{s.first}-{s.last}:" + ",".join(f"{d.id}*{d.share:g}" for d in s.devices) for s in stages
+        f"{s.first}-{s.last}:"
+        + ",".join(f"{d.id}*{d.share:g}" + (f"@{d.mode}" if d.mode else "") for d in s.devices)
+        for s in stages
     )
     digest = hashlib.sha256(f"{text}|{microbatch}".encode()).hexdigest()[:12]
     return PlanId(f"plan-{digest}")

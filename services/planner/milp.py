@@ -208,7 +208,9 @@ def objective_value(objective: Objective, pc: cost.PlanCost) -> float:
 def plan_id(stages: Sequence[StagePlan], microbatch: int) -> PlanId:
     """Content-derived id (the same scheme as ``dp.py``): a plan keeps its id across re-plans."""
     text = ";".join(
-        f"{s.first}-{s.last}:" + ",".join(f"{d.id}*{d.share:g}" for d in s.devices) for s in stages
+        f"{s.first}-{s.last}:"
+        + ",".join(f"{d.id}*{d.share:g}" + (f"@{d.mode}" if d.mode else "") for d in s.devices)
+        for s in stages
     )
     digest = hashlib.sha256(f"{text}|{microbatch}".encode()).hexdigest()[:12]
     return PlanId(f"plan-{digest}")
@@ -265,8 +267,8 @@ def device_power_w(
     The battery budget needs it per device; ``cost.evaluate`` only reports the sum. A step's
     work and bytes do not depend on ``microbatch``; its length (the period) does.
     """
-    lookup: Mapping[str, DeviceProfile] = (
-        devices if isinstance(devices, Mapping) else {d.node_id: d for d in devices}
+    lookup: Mapping[str, DeviceProfile] = cost.in_modes(
+        devices if isinstance(devices, Mapping) else {d.node_id: d for d in devices}, stages
     )
     pc = cost.evaluate(stages, lookup, table, network, workload, microbatch=microbatch)
     gflops = cost.layer_gflops(table, workload.kind)

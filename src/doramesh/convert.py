@@ -30,6 +30,7 @@ from doramesh.types import (
     Plan,
     PlanId,
     PlanSet,
+    PowerMode,
     Prediction,
     QoESpec,
     StagePlan,
@@ -67,6 +68,12 @@ def profile_to_pb(profile: DeviceProfile) -> common_pb2.DeviceProfile:
         power_source=profile.power_source,
         fleet_id=profile.fleet_id,
         protocol_version=profile.protocol_version,
+        power_modes=[
+            common_pb2.PowerMode(
+                name=m.name, speed_factor=m.speed_factor, power_active_w=m.power_active_w
+            )
+            for m in profile.power_modes
+        ],
     )
 
 
@@ -86,6 +93,9 @@ def profile_from_pb(pb: common_pb2.DeviceProfile) -> DeviceProfile:
         power_source=pb.power_source,
         fleet_id=pb.fleet_id,
         protocol_version=pb.protocol_version,
+        power_modes=tuple(
+            PowerMode(m.name, m.speed_factor, m.power_active_w) for m in pb.power_modes
+        ),
     )
 
 
@@ -230,7 +240,9 @@ def stage_to_pb(stage: StagePlan) -> common_pb2.StagePlan:
     return common_pb2.StagePlan(
         first=stage.first,
         last=stage.last,
-        devices=[common_pb2.DeviceShare(id=d.id, share=d.share) for d in stage.devices],
+        devices=[
+            common_pb2.DeviceShare(id=d.id, share=d.share, mode=d.mode) for d in stage.devices
+        ],
     )
 
 
@@ -240,7 +252,7 @@ def stage_from_pb(pb: common_pb2.StagePlan) -> StagePlan:
     return StagePlan(
         first=pb.first,
         last=pb.last,
-        devices=tuple(DeviceShare(id=NodeId(d.id), share=d.share) for d in pb.devices),
+        devices=tuple(DeviceShare(id=NodeId(d.id), share=d.share, mode=d.mode) for d in pb.devices),
     )
 
 
@@ -301,7 +313,10 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
         "stages": [
             {
                 "layers": [s.first, s.last],
-                "devices": [{"id": d.id, "share": d.share} for d in s.devices],
+                "devices": [
+                    {"id": d.id, "share": d.share, **({"mode": d.mode} if d.mode else {})}
+                    for d in s.devices
+                ],
             }
             for s in plan.stages
         ],
@@ -334,7 +349,11 @@ def plan_from_json(data: Mapping[str, Any]) -> Plan:
                 first=int(s["layers"][0]),
                 last=int(s["layers"][1]),
                 devices=tuple(
-                    DeviceShare(id=NodeId(str(d["id"])), share=float(d["share"]))
+                    DeviceShare(
+                        id=NodeId(str(d["id"])),
+                        share=float(d["share"]),
+                        mode=str(d.get("mode", "")),
+                    )
                     for d in s["devices"]
                 ),
             )

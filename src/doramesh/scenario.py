@@ -404,6 +404,13 @@ class _Parser:
             power_tx_w=tx,
             battery_wh=battery or 0.0,  # DeviceProfile's convention: 0 = mains powered
             power_source="catalogue" if from_catalogue else "scenario",
+            # The class's power modes are its figures at lower clocks: they hold only for a
+            # device that keeps the class's speed and active power.
+            power_modes=(
+                base.power_modes
+                if base is not None and (gflops, active) == (base.gflops, base.power_active_w)
+                else ()
+            ),
         )
 
     def network(self, value: object, ids: Sequence[NodeId]) -> Network:

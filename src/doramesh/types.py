@@ -6,7 +6,7 @@ edge (see ``doramesh.convert``) and domain code never sees a ``*_pb2`` type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NewType
 
 NodeId = NewType("NodeId", str)
@@ -17,6 +17,19 @@ WorkloadKind = Literal["inference", "training"]
 NetworkKind = Literal["shared", "links"]
 
 MIB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PowerMode:
+    """A power mode a device can be switched to (nvpmodel mode, package power limit, cpufreq cap).
+
+    ``speed_factor`` scales the profile's ``gflops`` (the top mode's); ``power_active_w`` is the
+    device's draw while computing in this mode. Idle and transmit power do not change.
+    """
+
+    name: str
+    speed_factor: float
+    power_active_w: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +48,21 @@ class DeviceProfile:
     power_source: str = "catalogue"
     fleet_id: str = ""
     protocol_version: str = "1"
+    #: Modes the device can be switched to, the top one (this profile's own figures) included
+    #: when any is listed; empty when it runs at one speed only (or cannot switch: an agent
+    #: advertises only the modes it can apply).
+    power_modes: tuple[PowerMode, ...] = ()
+
+    def in_mode(self, mode: str) -> DeviceProfile:
+        """This device as it runs in ``mode`` ("" = its own figures); ``KeyError`` if unknown."""
+        if not mode:
+            return self
+        for m in self.power_modes:
+            if m.name == mode:
+                return replace(
+                    self, gflops=self.gflops * m.speed_factor, power_active_w=m.power_active_w
+                )
+        raise KeyError(f"device {self.node_id} has no power mode {mode!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +135,8 @@ class QoESpec:
 class DeviceShare:
     id: NodeId
     share: float = 1.0
+    #: The power mode the device runs in for this plan ("" = its top mode, its own figures).
+    mode: str = ""
 
 
 @dataclass(frozen=True, slots=True)

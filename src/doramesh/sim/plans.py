@@ -89,6 +89,8 @@ class PlanModel:
     #: Token buckets (bytes/s, bytes) of the plan's paced flows.
     pace: dict[tuple[str, str], tuple[float, float]]
     nodes: frozenset[str]
+    #: The power mode each device runs in for this plan (devices in their top mode left out).
+    modes: dict[str, str]
     #: Saturating runs: work units (inference: microbatches; training: steps) kept in flight.
     window: int
     units_per_job: int
@@ -133,6 +135,8 @@ def build(
         raise ValueError(f"{where}: no stages")
     if plan.microbatch < 1:
         raise ValueError(f"{where}: microbatch must be >= 1, got {plan.microbatch}")
+    mode_names = {str(d.node_id): {m.name for m in d.power_modes} for d in scenario.devices}
+    modes: dict[str, str] = {}
     expected = 0
     stages: list[StageModel] = []
     for k, stage in enumerate(plan.stages):
@@ -151,6 +155,11 @@ def build(
             if d.share < 0 or not math.isfinite(d.share):
                 raise ValueError(f"{where}: stages[{k}] share of {d.id} is {d.share}")
         members = [d for d in stage.devices if d.share > 0]
+        for d in members:
+            if d.mode and d.mode not in mode_names[str(d.id)]:
+                raise ValueError(f"{where}: stages[{k}]: {d.id} has no power mode {d.mode!r}")
+            if modes.setdefault(str(d.id), d.mode) != d.mode:
+                raise ValueError(f"{where}: {d.id} is in two power modes")
         if not members:
             raise ValueError(f"{where}: stages[{k}] has no device with a positive share")
         layers = table.layers[stage.first : stage.last + 1]
@@ -193,6 +202,7 @@ def build(
         microbatches=sizes,
         pace=pace,
         nodes=frozenset(d for s in stages for d in s.devices),
+        modes={node: mode for node, mode in modes.items() if mode},
         window=1 if training else window_per_stage * len(stages),
         units_per_job=1 if training else len(sizes),
     )

@@ -47,6 +47,10 @@ Modelling choices (the ones a reader would otherwise have to guess):
   power for the rest of the time it is present during the run (``wall_s``: from 0 to the last
   request's completion or loss), and ``power_tx_w`` *on top of* whichever of those while its
   radio is on the air (airtime, see ``network.py``). Total over completed samples.
+- *Power modes.* A device runs in the power mode its plan names (``DeviceShare.mode``): the
+  mode's fraction of its GFLOP/s and the mode's active power, for the whole run (read here from
+  the device's ``power_modes``, not through the cost model). One device runs one mode: when live
+  plans name different ones, it runs the fastest of them, so no plan is slower than planned.
 - *Steady state.* Throughput is measured between the completion of the first tenth of the
   requests and the last completion, which cuts the pipeline's fill; latency quantiles are over
   all completed requests.
@@ -67,6 +71,7 @@ from doramesh.sim.engine import Callback, EventQueue, Owner
 from doramesh.sim.network import NetworkModel
 from doramesh.sim.plans import PlanModel
 from doramesh.sim.result import SimResult
+from doramesh.types import DeviceProfile
 
 Arrivals = Literal["poisson", "periodic"]
 
@@ -153,7 +158,8 @@ class Simulation:
         self.participants = sorted({node for p in self.plans for node in p.nodes})
         profiles = {str(d.node_id): d for d in scenario.devices}
         self.profiles = profiles
-        self.compute = ComputePool(self.events, ((n, profiles[n].gflops) for n in profiles))
+        self.speed, self.active_w = _power_modes(self.plans, profiles)
+        self.compute = ComputePool(self.events, ((n, self.speed[n]) for n in profiles))
         self.network = NetworkModel(self.events, scenario.network)
         self.dead: set[str] = set()
         self.dynamics = scenario.dynamics if apply_dynamics else ()
@@ -514,7 +520,7 @@ class Simulation:
             profile = self.profiles[node]
             proc = self.compute.processors[node]
             idle = max(0.0, proc.alive_s - proc.busy_s)
-            energy += profile.power_active_w * proc.busy_s + profile.power_idle_w * idle
+            energy += self.active_w[node] * proc.busy_s + profile.power_idle_w * idle
             energy += profile.power_tx_w * tx[node]
         return SimResult(
             latency_ms=_quantile(latencies, 0.5) * 1e3,
@@ -550,3 +556,25 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _power_modes(
+    plans: Sequence[PlanModel], profiles: dict[str, DeviceProfile]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each device's GFLOP/s and active power in the mode the plans run it in."""
+    speed = {n: p.gflops for n, p in profiles.items()}
+    active = {n: p.power_active_w for n, p in profiles.items()}
+    chosen: dict[str, tuple[float, float]] = {}
+    for plan in plans:
+        for node, name in plan.modes.items():
+            mode = next(m for m in profiles[node].power_modes if m.name == name)
+            if node not in chosen or mode.speed_factor > chosen[node][0]:
+                chosen[node] = (mode.speed_factor, mode.power_active_w)
+    for plan in plans:  # a plan that runs the device in its top mode wins over every other
+        for node in plan.nodes:
+            if node not in plan.modes:
+                chosen.pop(node, None)
+    for node, (factor, watts) in chosen.items():
+        speed[node] = profiles[node].gflops * factor
+        active[node] = watts
+    return speed, active

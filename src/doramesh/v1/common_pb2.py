@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64oramesh/v1/common.proto\x12\x0b\x64oramesh.v1\"?\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x03 \x01(\x04\"=\n\x06Tensor\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xa6\x02\n\rDeviceProfile\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x63ores\x18\x05 \x01(\r\x12\x14\n\x0cpower_idle_w\x18\x06 \x01(\x01\x12\x16\n\x0epower_active_w\x18\x07 \x01(\x01\x12\x12\n\npower_tx_w\x18\x08 \x01(\x01\x12\x12\n\nbattery_wh\x18\t \x01(\x01\x12\x10\n\x08\x65mulated\x18\n \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x14\n\x0cpower_source\x18\x0c \x01(\t\x12\x10\n\x08\x66leet_id\x18\r \x01(\t\x12\x18\n\x10protocol_version\x18\x0e \x01(\t\"\x85\x01\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06gflops\x18\x02 \x01(\x01\x12\x12\n\ngflops_bwd\x18\x03 \x01(\x01\x12\x13\n\x0bparam_bytes\x18\x04 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fworkspace_bytes\x18\x06 \x01(\x04\"X\n\nLayerTable\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06layers\x18\x02 \x03(\x0b\x32\x16.doramesh.v1.LayerInfo\x12\x13\n\x0binput_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x07QoESpec\x12)\n\tobjective\x18\x01 \x01(\x0e\x32\x16.doramesh.v1.Objective\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x1a\n\x12min_throughput_sps\x18\x03 \x01(\x01\x12\x1b\n\x13\x65nergy_j_per_sample\x18\x04 \x01(\x01\"H\n\x04Link\x12\t\n\x01\x61\x18\x01 \x01(\t\x12\t\n\x01\x62\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"e\n\x07Network\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x02 \x01(\x01\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12 \n\x05links\x18\x04 \x03(\x0b\x32\x11.doramesh.v1.Link\"9\n\x08Workload\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x10\n\x08rate_rps\x18\x03 \x01(\x01\"(\n\x0b\x44\x65viceShare\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\"S\n\tStagePlan\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.doramesh.v1.DeviceShare\"E\n\x04\x46low\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x11\n\trate_mbps\x18\x03 \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x04 \x01(\x01\"U\n\nPrediction\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x16\n\x0ethroughput_sps\x18\x02 \x01(\x01\x12\x1b\n\x13\x65nergy_j_per_sample\x18\x03 \x01(\x01\"\xa1\x01\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12&\n\x06stages\x18\x02 \x03(\x0b\x32\x16.doramesh.v1.StagePlan\x12\x12\n\nmicrobatch\x18\x03 \x01(\r\x12 \n\x05\x66lows\x18\x04 \x03(\x0b\x32\x11.doramesh.v1.Flow\x12*\n\tpredicted\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.Prediction\"\x83\x01\n\x07PlanSet\x12 \n\x05plans\x18\x01 \x03(\x0b\x32\x11.doramesh.v1.Plan\x12*\n\x03mix\x18\x02 \x03(\x0b\x32\x1d.doramesh.v1.PlanSet.MixEntry\x1a*\n\x08MixEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*y\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x19\n\x15OBJECTIVE_MIN_LATENCY\x10\x01\x12\x1c\n\x18OBJECTIVE_MAX_THROUGHPUT\x10\x02\x12\x18\n\x14OBJECTIVE_MIN_ENERGY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64oramesh/v1/common.proto\x12\x0b\x64oramesh.v1\"?\n\nTensorMeta\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x03 \x01(\x04\"=\n\x06Tensor\x12%\n\x04meta\x18\x01 \x01(\x0b\x32\x17.doramesh.v1.TensorMeta\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xd3\x02\n\rDeviceProfile\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_class\x18\x02 \x01(\t\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x63ores\x18\x05 \x01(\r\x12\x14\n\x0cpower_idle_w\x18\x06 \x01(\x01\x12\x16\n\x0epower_active_w\x18\x07 \x01(\x01\x12\x12\n\npower_tx_w\x18\x08 \x01(\x01\x12\x12\n\nbattery_wh\x18\t \x01(\x01\x12\x10\n\x08\x65mulated\x18\n \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x14\n\x0cpower_source\x18\x0c \x01(\t\x12\x10\n\x08\x66leet_id\x18\r \x01(\t\x12\x18\n\x10protocol_version\x18\x0e \x01(\t\x12+\n\x0bpower_modes\x18\x0f \x03(\x0b\x32\x16.doramesh.v1.PowerMode\"G\n\tPowerMode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cspeed_factor\x18\x02 \x01(\x01\x12\x16\n\x0epower_active_w\x18\x03 \x01(\x01\"\x85\x01\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06gflops\x18\x02 \x01(\x01\x12\x12\n\ngflops_bwd\x18\x03 \x01(\x01\x12\x13\n\x0bparam_bytes\x18\x04 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fworkspace_bytes\x18\x06 \x01(\x04\"X\n\nLayerTable\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06layers\x18\x02 \x03(\x0b\x32\x16.doramesh.v1.LayerInfo\x12\x13\n\x0binput_bytes\x18\x03 \x01(\x04\"\x81\x01\n\x07QoESpec\x12)\n\tobjective\x18\x01 \x01(\x0e\x32\x16.doramesh.v1.Objective\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x1a\n\x12min_throughput_sps\x18\x03 \x01(\x01\x12\x1b\n\x13\x65nergy_j_per_sample\x18\x04 \x01(\x01\"H\n\x04Link\x12\t\n\x01\x61\x18\x01 \x01(\t\x12\t\n\x01\x62\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"e\n\x07Network\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61ndwidth_mbps\x18\x02 \x01(\x01\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01\x12 \n\x05links\x18\x04 \x03(\x0b\x32\x11.doramesh.v1.Link\"9\n\x08Workload\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\r\x12\x10\n\x08rate_rps\x18\x03 \x01(\x01\"6\n\x0b\x44\x65viceShare\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x01\x12\x0c\n\x04mode\x18\x03 \x01(\t\"S\n\tStagePlan\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\r\x12)\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x18.doramesh.v1.DeviceShare\"E\n\x04\x46low\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x11\n\trate_mbps\x18\x03 \x01(\x01\x12\x10\n\x08\x62urst_kb\x18\x04 \x01(\x01\"U\n\nPrediction\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x16\n\x0ethroughput_sps\x18\x02 \x01(\x01\x12\x1b\n\x13\x65nergy_j_per_sample\x18\x03 \x01(\x01\"\xa1\x01\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12&\n\x06stages\x18\x02 \x03(\x0b\x32\x16.doramesh.v1.StagePlan\x12\x12\n\nmicrobatch\x18\x03 \x01(\r\x12 \n\x05\x66lows\x18\x04 \x03(\x0b\x32\x11.doramesh.v1.Flow\x12*\n\tpredicted\x18\x05 \x01(\x0b\x32\x17.doramesh.v1.Prediction\"\x83\x01\n\x07PlanSet\x12 \n\x05plans\x18\x01 \x03(\x0b\x32\x11.doramesh.v1.Plan\x12*\n\x03mix\x18\x02 \x03(\x0b\x32\x1d.doramesh.v1.PlanSet.MixEntry\x1a*\n\x08MixEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*y\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x19\n\x15OBJECTIVE_MIN_LATENCY\x10\x01\x12\x1c\n\x18OBJECTIVE_MAX_THROUGHPUT\x10\x02\x12\x18\n\x14OBJECTIVE_MIN_ENERGY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLANSET_MIXENTRY']._loaded_options = None
   _globals['_PLANSET_MIXENTRY']._serialized_options = b'8\001'
-  _globals['_OBJECTIVE']._serialized_start=1643
-  _globals['_OBJECTIVE']._serialized_end=1764
+  _globals['_OBJECTIVE']._serialized_start=1775
+  _globals['_OBJECTIVE']._serialized_end=1896
   _globals['_TENSORMETA']._serialized_start=41
   _globals['_TENSORMETA']._serialized_end=104
   _globals['_TENSOR']._serialized_start=106
   _globals['_TENSOR']._serialized_end=167
   _globals['_DEVICEPROFILE']._serialized_start=170
-  _globals['_DEVICEPROFILE']._serialized_end=464
-  _globals['_LAYERINFO']._serialized_start=467
-  _globals['_LAYERINFO']._serialized_end=600
-  _globals['_LAYERTABLE']._serialized_start=602
-  _globals['_LAYERTABLE']._serialized_end=690
-  _globals['_QOESPEC']._serialized_start=693
-  _globals['_QOESPEC']._serialized_end=822
-  _globals['_LINK']._serialized_start=824
-  _globals['_LINK']._serialized_end=896
-  _globals['_NETWORK']._serialized_start=898
-  _globals['_NETWORK']._serialized_end=999
-  _globals['_WORKLOAD']._serialized_start=1001
-  _globals['_WORKLOAD']._serialized_end=1058
-  _globals['_DEVICESHARE']._serialized_start=1060
-  _globals['_DEVICESHARE']._serialized_end=1100
-  _globals['_STAGEPLAN']._serialized_start=1102
-  _globals['_STAGEPLAN']._serialized_end=1185
-  _globals['_FLOW']._serialized_start=1187
-  _globals['_FLOW']._serialized_end=1256
-  _globals['_PREDICTION']._serialized_start=1258
-  _globals['_PREDICTION']._serialized_end=1343
-  _globals['_PLAN']._serialized_start=1346
-  _globals['_PLAN']._serialized_end=1507
-  _globals['_PLANSET']._serialized_start=1510
-  _globals['_PLANSET']._serialized_end=1641
-  _globals['_PLANSET_MIXENTRY']._serialized_start=1599
-  _globals['_PLANSET_MIXENTRY']._serialized_end=1641
+  _globals['_DEVICEPROFILE']._serialized_end=509
+  _globals['_POWERMODE']._serialized_start=511
+  _globals['_POWERMODE']._serialized_end=582
+  _globals['_LAYERINFO']._serialized_start=585
+  _globals['_LAYERINFO']._serialized_end=718
+  _globals['_LAYERTABLE']._serialized_start=720
+  _globals['_LAYERTABLE']._serialized_end=808
+  _globals['_QOESPEC']._serialized_start=811
+  _globals['_QOESPEC']._serialized_end=940
+  _globals['_LINK']._serialized_start=942
+  _globals['_LINK']._serialized_end=1014
+  _globals['_NETWORK']._serialized_start=1016
+  _globals['_NETWORK']._serialized_end=1117
+  _globals['_WORKLOAD']._serialized_start=1119
+  _globals['_WORKLOAD']._serialized_end=1176
+  _globals['_DEVICESHARE']._serialized_start=1178
+  _globals['_DEVICESHARE']._serialized_end=1232
+  _globals['_STAGEPLAN']._serialized_start=1234
+  _globals['_STAGEPLAN']._serialized_end=1317
+  _globals['_FLOW']._serialized_start=1319
+  _globals['_FLOW']._serialized_end=1388
+  _globals['_PREDICTION']._serialized_start=1390
+  _globals['_PREDICTION']._serialized_end=1475
+  _globals['_PLAN']._serialized_start=1478
+  _globals['_PLAN']._serialized_end=1639
+  _globals['_PLANSET']._serialized_start=1642
+  _globals['_PLANSET']._serialized_end=1773
+  _globals['_PLANSET_MIXENTRY']._serialized_start=1731
+  _globals['_PLANSET_MIXENTRY']._serialized_end=1773
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, meta: _Optional[_Union[TensorMeta, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
-    __slots__ = ("node_id", "device_class", "gflops", "memory_bytes", "cores", "power_idle_w", "power_active_w", "power_tx_w", "battery_wh", "emulated", "address", "power_source", "fleet_id", "protocol_version")
+    __slots__ = ("node_id", "device_class", "gflops", "memory_bytes", "cores", "power_idle_w", "power_active_w", "power_tx_w", "battery_wh", "emulated", "address", "power_source", "fleet_id", "protocol_version", "power_modes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     GFLOPS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class DeviceProfile(_message.Message):
     POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
     FLEET_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device_class: str
     gflops: float
@@ -66,7 +67,18 @@ class DeviceProfile(_message.Message):
     power_source: str
     fleet_id: str
     protocol_version: str
-    def __init__(self, node_id: _Optional[str] = ..., device_class: _Optional[str] = ..., gflops: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., power_idle_w: _Optional[float] = ..., power_active_w: _Optional[float] = ..., power_tx_w: _Optional[float] = ..., battery_wh: _Optional[float] = ..., emulated: _Optional[bool] = ..., address: _Optional[str] = ..., power_source: _Optional[str] = ..., fleet_id: _Optional[str] = ..., protocol_version: _Optional[str] = ...) -> None: ...
+    power_modes: _containers.RepeatedCompositeFieldContainer[PowerMode]
+    def __init__(self, node_id: _Optional[str] = ..., device_class: _Optional[str] = ..., gflops: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., cores: _Optional[int] = ..., power_idle_w: _Optional[float] = ..., power_active_w: _Optional[float] = ..., power_tx_w: _Optional[float] = ..., battery_wh: _Optional[float] = ..., emulated: _Optional[bool] = ..., address: _Optional[str] = ..., power_source: _Optional[str] = ..., fleet_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., power_modes: _Optional[_Iterable[_Union[PowerMode, _Mapping]]] = ...) -> None: ...
+
+class PowerMode(_message.Message):
+    __slots__ = ("name", "speed_factor", "power_active_w")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    POWER_ACTIVE_W_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    speed_factor: float
+    power_active_w: float
+    def __init__(self, name: _Optional[str] = ..., speed_factor: _Optional[float] = ..., power_active_w: _Optional[float] = ...) -> None: ...
 
 class LayerInfo(_message.Message):
     __slots__ = ("name", "gflops", "gflops_bwd", "param_bytes", "activation_bytes", "workspace_bytes")
@@ -141,12 +153,14 @@ class Workload(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., batch: _Optional[int] = ..., rate_rps: _Optional[float] = ...) -> None: ...
 
 class DeviceShare(_message.Message):
-    __slots__ = ("id", "share")
+    __slots__ = ("id", "share", "mode")
     ID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     share: float
-    def __init__(self, id: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+    mode: str
+    def __init__(self, id: _Optional[str] = ..., share: _Optional[float] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class StagePlan(_message.Message):
     __slots__ = ("first", "last", "devices")
