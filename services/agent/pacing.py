@@ -5,6 +5,9 @@ waits out the difference between the host's time and the emulated device's time 
 GFLOPs divided by the catalogue's effective GFLOP/s). Measured stage times, and therefore the
 adapter's view of the fleet, then look like a fleet of real devices.
 
+A power mode (``doramesh.agent.power``) sets ``speed_factor``: an emulated device in a lower
+mode is paced to that fraction of its speed, as the real device would run at the lower clock.
+
 ``slowdown`` is the fault hook for "this agent got 3x slower" (thermal throttling, a competing
 process): it multiplies the time a call must take, at run time, without touching the profile.
 """
@@ -31,9 +34,30 @@ class ComputePacer:
     def __init__(self, target_gflops: float | None, *, slowdown: float = 1.0) -> None:
         if target_gflops is not None and (not math.isfinite(target_gflops) or target_gflops <= 0):
             raise ValueError(f"target_gflops must be positive, not {target_gflops!r}")
-        self.target_gflops = target_gflops
+        self._top_gflops = target_gflops
+        self._speed_factor = 1.0
         self._slowdown = 1.0
         self.slowdown = slowdown
+
+    @property
+    def target_gflops(self) -> float | None:
+        """The speed calls are paced to: the emulated device's, times ``speed_factor``."""
+        if self._top_gflops is None:
+            return None
+        return self._top_gflops * self._speed_factor
+
+    @property
+    def speed_factor(self) -> float:
+        return self._speed_factor
+
+    @speed_factor.setter
+    def speed_factor(self, factor: float) -> None:
+        """Pace to ``factor`` of the emulated speed (a power mode's; 1 = the top mode)."""
+        if self._top_gflops is None:
+            raise ValueError("only an emulating pacer runs at a power mode's speed")
+        if not (math.isfinite(factor) and 0 < factor <= 1):
+            raise ValueError(f"speed_factor must be in (0, 1], not {factor!r}")
+        self._speed_factor = float(factor)
 
     @property
     def slowdown(self) -> float:
@@ -47,10 +71,11 @@ class ComputePacer:
 
     def target_seconds(self, gflops: float, measured_s: float) -> float:
         """How long a call of ``gflops`` GFLOP that took ``measured_s`` here must appear to take."""
-        if self.target_gflops is None:
+        target = self.target_gflops
+        if target is None:
             base = measured_s
         else:
-            base = max(gflops, 0.0) / self.target_gflops
+            base = max(gflops, 0.0) / target
         return max(measured_s, base * self._slowdown)
 
     async def run(self, fn: Callable[[], T], gflops: float) -> tuple[T, float]:

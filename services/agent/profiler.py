@@ -12,15 +12,15 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
 
 from doramesh.agent.catalogue import DeviceClass, get_class
-from doramesh.types import DeviceProfile, NodeId
+from doramesh.types import DeviceProfile, NodeId, PowerMode
 
 _log = structlog.get_logger("agent.profiler")
 
@@ -428,8 +428,13 @@ def build_profile(
     threads: int | None = None,
     device: str = "cpu",
     sys_root: Path = Path("/sys"),
+    power_modes: Sequence[PowerMode] = (),
 ) -> DeviceProfile:
     """This agent's DeviceProfile: measured, or a catalogue device's when emulating.
+
+    ``power_modes`` are the modes this agent can apply (``doramesh.agent.power``), top mode
+    first; the profile advertises those and no others. The top mode takes the profile's own
+    active power (measured, or the catalogue's), the others keep their stated figures.
 
     Emulating (``emulate=CLASS``): the catalogue's gflops, memory and power, but never more speed
     or memory than this host really has (an emulator can slow down, not speed up). Otherwise: the
@@ -480,6 +485,12 @@ def build_profile(
             address=address,
             power_source=source,
             fleet_id=fleet_id,
+        )
+    if power_modes:
+        top, *lower = power_modes
+        profile = replace(
+            profile,
+            power_modes=(PowerMode(top.name, 1.0, profile.power_active_w), *lower),
         )
     _log.info(
         "device profiled",
