@@ -144,13 +144,16 @@ def _print_table(scenario: Scenario, planner: str, seconds: float, plan_set: Pla
     table = Table(title=f"{len(plan_set.plans)} plan(s) by {planner} in {seconds:.2f} s")
     table.add_column("plan", no_wrap=True)
     table.add_column("mix", justify="right")
-    table.add_column("stages: layers -> device (share)", no_wrap=True)
+    table.add_column("stages: layers -> device (share, power mode)", no_wrap=True)
     for column in ("microbatch", "latency ms", "samples/s", "J/sample"):
         table.add_column(column, justify="right")
     table.add_column("QoE")
     for plan in plan_set.plans:
         stages = "\n".join(
-            f"{s.first}-{s.last} -> " + ", ".join(f"{d.id} ({d.share:.2f})" for d in s.devices)
+            f"{s.first}-{s.last} -> "
+            + ", ".join(
+                f"{d.id} ({d.share:.2f}{', ' + d.mode if d.mode else ''})" for d in s.devices
+            )
             for s in plan.stages
         )
         misses = qoe_misses(plan, scenario.qoe)

@@ -82,6 +82,7 @@ def synthetic_fleet(rng: random.Random, count: int) -> list[DeviceProfile]:
                 power_active_w=c.power_active_w,
                 power_tx_w=c.power_tx_w,
                 battery_wh=c.battery_wh or 0.0,
+                power_modes=c.power_modes,  # min_energy searches them too
             )
         )
     return fleet
