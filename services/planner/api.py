@@ -16,6 +16,11 @@ The ``doramesh`` planner, within ``time_limit_s`` (model building included, neve
    started with the incumbent, so it can only improve on it. Skipped when it cannot beat the DP
    (one-sample microbatches on a fleet the DP saw whole).
 4. *Refine* the winner's stage boundaries on the real layers (coarsening kept only some cuts).
+4b. *Power modes* (``min_energy`` only): a device in a lower power mode is a slower, more frugal
+   variant of itself (``DeviceProfile.power_modes``). Steps 1-4 rerun on fleets with one mode
+   per device (every assignment on small fleets, each mode rank per class on large ones), then
+   the best plan's own devices get the modes that serve it best (``_slower_modes``). The
+   other objectives, and every baseline, run devices in their top mode.
 5. *Plan set*: more plans on devices no earlier plan uses (so they can run at the same time), or
    whole-model replicas side by side when they serve more (inference only: training plans would
    train separate copies); then the best plans for the other objectives when they are not
