@@ -33,6 +33,7 @@ from doramesh.types import (
     DeviceShare,
     LayerInfo,
     LayerTable,
+    Link,
     Network,
     NodeId,
     Plan,
@@ -194,12 +195,13 @@ def brute_force_over_modes(
 
 
 def test_min_energy_planner_equals_brute_force_over_modes() -> None:
-    """On small random fleets of two-mode devices, the planner's first plan has the least
-    energy any mode assignment, split and device sequence reaches under the QoE, and its
-    claims hold under the modes it names."""
+    """On small random fleets of two-mode devices (a shared medium or per-pair links, one or two
+    samples a request), the planner's first plan has the least energy any mode assignment,
+    split, device sequence and data-parallel group reaches under the QoE, and its claims hold
+    under the modes it names."""
     rng = random.Random("modes")
     used_low = 0
-    for _ in range(12):
+    for _ in range(16):
         devices = [
             moded(
                 f"d{k}",
@@ -213,15 +215,26 @@ def test_min_energy_planner_equals_brute_force_over_modes() -> None:
             for k in range(rng.randint(1, 3))
         ]
         table = table_of(*(rng.uniform(0.1, 2) for _ in range(rng.randint(2, 5))))
-        network = Network("shared", rng.uniform(50, 500), rng.uniform(0, 3))
-        workload = Workload("inference", 1, rate_rps=rng.choice([0.5, 2.0, 5.0]))
+        if rng.random() < 0.5:
+            network = Network("shared", rng.uniform(50, 500), rng.uniform(0, 3))
+        else:
+            network = Network(
+                "links",
+                links=tuple(
+                    Link(a.node_id, b.node_id, rng.uniform(20, 500), rng.uniform(0, 3))
+                    for a, b in itertools.combinations(devices, 2)
+                    if rng.random() < 0.85
+                ),
+            )
+        batch = rng.choice([1, 2])  # two samples a request: data-parallel groups can pay
+        workload = Workload("inference", batch, rate_rps=rng.choice([0.5, 2.0, 5.0]))
         top = [replace(d, power_modes=()) for d in devices]
         fastest = milp.brute_force(top, table, network, workload, QoESpec("min_latency"))
         if fastest is None:
             continue
         slo = fastest.predicted.latency_ms * rng.uniform(1.1, 2.5)
         qoe = QoESpec("min_energy", latency_ms=slo)
-        bounds = milp.Bounds.of(qoe, 1).tightened(1.0 / workload.rate_rps)
+        bounds = milp.Bounds.of(qoe, batch).tightened(1.0 / workload.rate_rps)
         expected = brute_force_over_modes(devices, table, network, workload, qoe, bounds)
         report = api.plan_detailed(devices, table, network, workload, qoe, time_limit_s=20)
         first = report.plan_set.plans[0]
