@@ -23,9 +23,11 @@ The model, per *domain* (the shared medium, or one directed link with per-pair l
   much the others may take: ``sum(others) <= C - bits_p / slack_p`` where ``slack_p`` is the
   SLO minus everything that is not wire time. Critical plans are served first.
 - The rest of the capacity is shared by max-min fairness (water-filling) among the other flows,
-  above their floors. When critical plans are live, the others get bursts of one activation chunk
-  (at least 64 KB) so that they cannot hold the medium for long; without critical plans every
-  flow keeps the whole-activation burst.
+  above their floors. When critical plans are live, the others get bursts of one chunk of
+  ``CHUNK_BYTES`` (64 KB; their senders cut activations to it) so that they cannot hold the
+  medium for long, and a critical plan's wire budget leaves room for one such chunk of every
+  other flow ahead of its transfer; without critical plans every flow keeps the
+  whole-activation burst.
 - If even the floors do not fit, the non-critical floors are scaled down first (those plans
   slow down), then the critical ones.
 
@@ -59,9 +61,12 @@ from . import cost
 
 #: Smallest token-bucket burst: below it per-packet overhead dominates.
 MIN_BURST_BYTES = 64 * 1000
-#: Burst of a paced (non-critical) flow while latency-critical plans are live: one activation
-#: chunk as the agents stream them (about 1 MiB).
-CHUNK_BYTES = 1 << 20
+#: Burst of a paced (non-critical) flow while latency-critical plans are live, and with it the
+#: chunk its sender cuts activations into (a paced agent writes at most one burst at once): a
+#: critical transfer may find one such chunk of every other flow ahead of it on the medium
+#: (13 ms at 40 Mbit/s). A 1 MiB chunk held a 40 Mbit/s medium for 210 ms, and the testbed's
+#: doorbell frames missed their SLO behind it more often paced than unpaced.
+CHUNK_BYTES = MIN_BURST_BYTES
 #: Rates are never set below this (Mbit/s), so a bucket always refills.
 MIN_RATE_MBPS = 0.01
 
@@ -159,7 +164,14 @@ def schedule_jobs(
     out: list[Plan] = []
     for k, plan in enumerate(plans):
         mine = sorted((f for f in flows if f.plan == k), key=lambda f: f.index)
-        paced = _paced_prediction(k, plan, costs[k], mine, flows, network, lookup, workloads[k])
+        wait = 0.0
+        if critical[k] and chunked:
+            for key in dict.fromkeys(f.domain for f in mine):
+                capacity = _capacity(network, key) * 1e6
+                wait += _ahead_s(domains[key], k, critical, capacity)
+        paced = _paced_prediction(
+            k, plan, costs[k], mine, flows, network, lookup, workloads[k], wait
+        )
         new_flows = list(plan.flows)
         for f in mine:
             new_flows[f.index] = Flow(
@@ -319,6 +331,7 @@ def _allocate(
                 # This link's part of the plan's wire budget.
                 total = sum(f.bits for f in members if f.plan == sh.plan)
                 slack = slack * (sh.bits / total) if total > 0 else slack
+            slack -= _ahead_s(members, k, critical, capacity_bps)
             need = sh.bits / slack if slack > 0 else math.inf
             others_crit = sum(o.rate_bps for o in crit if o is not sh)
             if need > capacity_bps - others_crit:
@@ -337,6 +350,17 @@ def _allocate(
     for sh in shares.values():
         for f in sh.flows:
             f.rate_bps = sh.rate_bps * f.bits / sh.bits if sh.bits > 0 else 0.0
+
+
+def _ahead_s(
+    members: Sequence[_Flow], plan: int, critical: Sequence[bool], capacity_bps: float
+) -> float:
+    """Seconds a critical plan's transfer may wait behind one chunk of every non-critical flow
+    of the other plans (the most a paced sender puts on the medium at once)."""
+    bits = sum(
+        min(f.bits, CHUNK_BYTES * 8) for f in members if f.plan != plan and not critical[f.plan]
+    )
+    return bits / capacity_bps if capacity_bps > 0 else 0.0
 
 
 def _scale_floors(shares: Iterable[_Share], capacity_bps: float) -> None:
@@ -373,8 +397,10 @@ def _paced_prediction(
     network: Network,
     lookup: dict[str, DeviceProfile],
     workload: Workload,
+    wait_s: float,
 ) -> Prediction:
-    """The plan's figures with its transfers paced (see the module docstring)."""
+    """The plan's figures with its transfers paced (see the module docstring); ``wait_s``: a
+    critical plan's wait behind the other flows' chunks."""
     if not mine:
         return pc.prediction()
     # Line rate a burst of this plan finds, per domain: the capacity minus the other plans' rates.
@@ -406,7 +432,7 @@ def _paced_prediction(
         else:
             paced, base = max(times), max(cost_wire[b])
         extra += max(0.0, paced - base)
-    latency = pc.latency_s + extra
+    latency = pc.latency_s + extra + wait_s
     # A token rate caps the flow's sustained throughput: one microbatch per bits / rate.
     bottleneck = max(pc.bottleneck_s, *(f.bits / max(f.rate_bps, 1.0) for f in mine))
     period = bottleneck

@@ -226,6 +226,11 @@ class PeerLink:
         mb_id = next(self._ids)
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[mb_id] = fut
+        chunk_bytes = self._chunk_bytes
+        if self.bucket is not None and not self.bucket.unlimited:
+            # A paced flow never writes more than one burst at once: a chunk larger than the
+            # burst would hold the medium for longer than the scheduler allowed it to.
+            chunk_bytes = max(1, min(chunk_bytes, int(self.bucket.burst)))
         try:
             async with self._write_lock:
                 for frame in iter_wire_frames(
@@ -234,7 +239,7 @@ class PeerLink:
                     plan_epoch=plan_epoch,
                     request_id=request_id,
                     microbatch_id=mb_id,
-                    chunk_bytes=self._chunk_bytes,
+                    chunk_bytes=chunk_bytes,
                 ):
                     if not isinstance(frame, ChunkFrame):
                         if tag is not None:
