@@ -4,6 +4,10 @@ A stage is a contiguous range of a zoo model's blocks. Its weights come from a W
 coordinator) as safetensors bytes, verified against the digest the deployment named, and cached
 on disk by digest so a restart or a re-deployment does not fetch them again.
 
+Loading streams: the chunks go straight into the cache file (hashed on the way), and the stage's
+tensors map that file, so the peak is the stage once, never the stage plus a buffer of its
+bytes (a Raspberry Pi with a 1 GiB stage has no room for a second copy).
+
 A stage loaded for training (``StageSpec.train``) also holds a ``StageTrainer`` (gradients,
 optimizer, replica group; see ``doramesh.agent.training``) and reaches its next stage through
 training links; its checkpoints live next to the weight cache, under ``checkpoints/``.
@@ -16,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,29 +142,43 @@ class WeightCache:
     def __init__(self, root: Path, *, max_bytes: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self._remove_stale_downloads()
 
     def path(self, digest: str) -> Path:
         return self.root / f"{digest}.safetensors"
 
-    def get(self, digest: str) -> bytes | None:
+    def _remove_stale_downloads(self) -> None:
+        """Downloads a process that has since died left half written (they count toward no
+        bound otherwise)."""
+        for tmp in self.root.glob("incoming-*.tmp"):
+            pid = tmp.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+    def get(self, digest: str) -> Path | None:
+        """The file holding ``digest``'s weights, checked against the digest; None if absent."""
         path = self.path(digest)
         if not path.exists():
             return None
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
+        if models.file_sha256(path) != digest:
             _log.warning("cached weights corrupt; refetching", digest=digest[:12])
             path.unlink(missing_ok=True)
             return None
         os.utime(path)  # most recently used: the last to be evicted
-        return data
+        return path
 
-    def put(self, digest: str, data: bytes) -> None:
+    def tmp_path(self) -> Path:
+        """A fresh file name in the cache for a download in progress."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(digest).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(self.path(digest))
+        return self.root / f"incoming-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+
+    def commit(self, digest: str, tmp: Path) -> Path:
+        """Move a verified download into place under its digest, then keep to the bound."""
+        path = self.path(digest)
+        tmp.replace(path)
         if self.max_bytes is not None:
-            self._evict(keep=self.path(digest))
+            self._evict(keep=path)
+        return path
 
     def _evict(self, *, keep: Path) -> None:
         files = []
@@ -172,13 +191,26 @@ class WeightCache:
             if total <= (self.max_bytes or 0):
                 break
             if path != keep:
+                # A loaded stage maps its file: removing the name leaves the mapping intact.
                 path.unlink(missing_ok=True)
                 total -= size
 
 
-async def fetch_weights(spec: StageSpec, *, timeout_s: float = 300.0) -> bytes:
-    """Pull a stage's safetensors bytes from its WeightStore and verify the digest."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def fetch_weights(spec: StageSpec, *, cache: WeightCache, timeout_s: float = 300.0) -> Path:
+    """Stream a stage's safetensors bytes from its WeightStore into ``cache``, verifying the
+    digest on the way; returns the cached file. At most one chunk is held in memory."""
     channel = create_channel(spec.weights_source)
+    tmp = cache.tmp_path()
     try:
         stub = coordinator_pb2_grpc.WeightStoreStub(channel)
         request = coordinator_pb2.FetchStageRequest(
@@ -188,30 +220,35 @@ async def fetch_weights(spec: StageSpec, *, timeout_s: float = 300.0) -> bytes:
             last=spec.last,
             digest=spec.weights_digest,
         )
-        buf = bytearray()
+        received = 0
         total = -1
         hasher = hashlib.sha256()
-        try:
-            async for chunk in stub.FetchStage(request, timeout=timeout_s):
-                if total < 0:
-                    total = chunk.total_bytes
-                    if total > MAX_STAGE_WEIGHT_BYTES:
-                        raise ResourceExhausted(f"stage weights of {total} bytes are too large")
-                if chunk.offset != len(buf) or len(buf) + len(chunk.data) > total:
-                    raise InvalidArgument("weight chunks out of order or past the announced size")
-                buf += chunk.data
-                hasher.update(chunk.data)
-        except grpc.aio.AioRpcError as err:
-            raise error_for(err.code(), f"fetching weights: {err.details()}") from err
-        if len(buf) != total:
-            raise Unavailable(f"weight stream ended at {len(buf)} of {total} bytes")
+        with tmp.open("wb") as out:
+            try:
+                async for chunk in stub.FetchStage(request, timeout=timeout_s):
+                    if total < 0:
+                        total = chunk.total_bytes
+                        if total > MAX_STAGE_WEIGHT_BYTES:
+                            raise ResourceExhausted(f"stage weights of {total} bytes are too large")
+                    if chunk.offset != received or received + len(chunk.data) > total:
+                        raise InvalidArgument(
+                            "weight chunks out of order or past the announced size"
+                        )
+                    await asyncio.to_thread(out.write, chunk.data)
+                    received += len(chunk.data)
+                    hasher.update(chunk.data)
+            except grpc.aio.AioRpcError as err:
+                raise error_for(err.code(), f"fetching weights: {err.details()}") from err
+        if received != total:
+            raise Unavailable(f"weight stream ended at {received} of {total} bytes")
         digest = hasher.hexdigest()
         if digest != spec.weights_digest:
             raise InvalidArgument(
                 f"weights digest mismatch: got {digest[:12]}, expected {spec.weights_digest[:12]}"
             )
-        return bytes(buf)
+        return await asyncio.to_thread(cache.commit, digest, tmp)
     finally:
+        tmp.unlink(missing_ok=True)
         await channel.close()
 
 
@@ -270,13 +307,12 @@ class StageRuntime:
                     f"stage {spec.stage_id} needs {need / 2**20:.1f} MiB of weights; this agent "
                     f"has {free / 2**20:.1f} MiB free of {self.memory_bytes / 2**20:.1f} MiB"
                 )
-            data = self.cache.get(spec.weights_digest)
-            cache_hit = data is not None
-            if data is None:
-                data = await fetch_weights(spec)
-                await asyncio.to_thread(self.cache.put, spec.weights_digest, data)
+            path = await asyncio.to_thread(self.cache.get, spec.weights_digest)
+            cache_hit = path is not None
+            if path is None:
+                path = await fetch_weights(spec, cache=self.cache)
             module = await asyncio.to_thread(
-                models.load_stage, spec.model, spec.first, spec.last, data, device=self.device
+                models.load_stage, spec.model, spec.first, spec.last, path, device=self.device
             )
             trainer = None
             if spec.train is not None:

@@ -105,6 +105,13 @@ def test_retired_stages_are_bounded_oldest_forgotten(
     assert runtime.retired[f"s{MAX_RETIRED_STAGES + 9}"] == MAX_RETIRED_STAGES + 9
 
 
+def _put(cache: WeightCache, digest: str, data: bytes) -> None:
+    """What a finished download does: a file in the cache, committed under its digest."""
+    tmp = cache.tmp_path()
+    tmp.write_bytes(data)
+    cache.commit(digest, tmp)
+
+
 def test_agent_weight_cache_keeps_at_most_its_bytes_least_recently_used_first(
     tmp_path: Path,
 ) -> None:
@@ -112,7 +119,7 @@ def test_agent_weight_cache_keeps_at_most_its_bytes_least_recently_used_first(
     digests = [hashlib.sha256(bytes([i]) * 100).hexdigest() for i in range(4)]
 
     def put(i: int) -> None:
-        cache.put(digests[i], bytes([i]) * 100)
+        _put(cache, digests[i], bytes([i]) * 100)
         # Distinct, increasing use times (a coarse file system clock must not decide the order).
         os.utime(cache.path(digests[i]), ns=(i * 10**9, i * 10**9))
 
@@ -123,9 +130,9 @@ def test_agent_weight_cache_keeps_at_most_its_bytes_least_recently_used_first(
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(
         f"{d}.safetensors" for d in (digests[0], digests[2])
     )
-    cache.put(digests[3], bytes([3]) * 100)  # the newest always stays
+    _put(cache, digests[3], bytes([3]) * 100)  # the newest always stays
     assert cache.get(digests[3]) is not None
     assert sum(p.stat().st_size for p in tmp_path.glob("*.safetensors")) <= 250
     big = WeightCache(tmp_path / "big", max_bytes=10)
-    big.put(digests[1], bytes([1]) * 100)  # larger than the bound: kept, it is in use
+    _put(big, digests[1], bytes([1]) * 100)  # larger than the bound: kept, it is in use
     assert big.get(digests[1]) is not None

@@ -7,7 +7,7 @@ weights are seeded per block, so any range can be built alone and matches the fu
 from doramesh.models.profile import layer_table
 from doramesh.models.seeding import BlockInit, block_generator, block_seed, seeded_factory
 from doramesh.models.spec import ModelFactory, ModelSpec
-from doramesh.models.weights import load_stage, stage_weights
+from doramesh.models.weights import file_sha256, load_stage, stage_weights, write_stage_weights
 from doramesh.models.zoo import (
     build_blocks,
     example_input,
@@ -28,6 +28,7 @@ __all__ = [
     "block_seed",
     "build_blocks",
     "example_input",
+    "file_sha256",
     "get_spec",
     "layer_table",
     "load_stage",
@@ -39,4 +40,5 @@ __all__ = [
     "skeleton_blocks",
     "stage_weights",
     "unregister",
+    "write_stage_weights",
 ]
