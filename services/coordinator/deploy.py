@@ -70,7 +70,9 @@ DeploymentStatus = Literal["deploying", "ready", "failed"]
 
 #: Times one request may be replayed on a new plan after agents on its path failed.
 MAX_REPLAYS = 3
-#: Deadline of the probe that tells a dead agent from a broken stream.
+#: Shortest deadline of the probe that tells a dead agent from a broken stream; it is never
+#: shorter than the registry's ``dead_after_s`` either (a busy agent answers late, and only
+#: silence for that long is death: a 1 s probe dropped a plan deployed as given on a loaded box).
 LIVENESS_PROBE_S = 1.0
 #: Plans of one model live at once (each holds its stages' weights on its agents).
 MAX_LIVE_PLANS = 8
@@ -1143,7 +1145,10 @@ class Deployer:
             return False
         stub = agent_pb2_grpc.AgentStub(self._channel(address))
         try:
-            await stub.GetProfile(agent_pb2.GetProfileRequest(), timeout=LIVENESS_PROBE_S)
+            await stub.GetProfile(
+                agent_pb2.GetProfileRequest(),
+                timeout=max(LIVENESS_PROBE_S, self.registry.dead_after_s),
+            )
         except grpc.aio.AioRpcError:
             return False
         return True
