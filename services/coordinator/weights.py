@@ -1,12 +1,24 @@
-"""The WeightStore: builds a stage's seeded weights once, serves them by digest, in chunks."""
+"""The WeightStore: builds a stage's seeded weights once, serves them by digest, in chunks.
+
+A stage's safetensors file is written straight from the built module's tensors to disk
+(``models.write_stage_weights``) and streamed to agents from there, one chunk at a time: the
+coordinator holds a stage once while building it and never as bytes. Kept in memory, a stage
+was the module, a copy of its tensors and the serialised bytes twice over while building, and
+the store kept every recent stage's bytes (gpt2-medium's two plans took the coordinator to
+5 GiB). The files live in a directory of the store's own, removed when the store goes away.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import grpc.aio
 
@@ -26,41 +38,64 @@ class StageKey:
 
 
 class WeightStore:
-    """Stage weights as safetensors bytes, kept in an LRU bounded by total bytes."""
+    """Stage weights as safetensors files, kept in an LRU bounded by total bytes on disk."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, root: Path | None = None) -> None:
         self.max_bytes = max_bytes
-        self._by_key: OrderedDict[StageKey, tuple[bytes, str]] = OrderedDict()
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="doramesh-weights-"))
+            weakref.finalize(self, shutil.rmtree, root, True)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        #: Key -> (file, size, digest), least recently used first.
+        self._by_key: OrderedDict[StageKey, tuple[Path, int, str]] = OrderedDict()
         #: One build at a time per key, and a lock only while someone wants that key: agents
         #: may ask for any seed, so a lock per key ever asked would grow without bound.
         self._locks: dict[StageKey, asyncio.Lock] = {}
         self._users: dict[StageKey, int] = {}
 
-    async def get(self, key: StageKey) -> tuple[bytes, str]:
+    async def get(self, key: StageKey) -> tuple[Path, str]:
+        """The file holding ``key``'s weights, and their digest (built on first use)."""
         lock = self._locks.setdefault(key, asyncio.Lock())
         self._users[key] = self._users.get(key, 0) + 1
         try:
             async with lock:
-                return await self._get_or_build(key)
+                path, _, digest = await self._get_or_build(key)
+                return path, digest
         finally:
             self._users[key] -= 1
             if not self._users[key]:
                 del self._users[key], self._locks[key]
 
-    async def _get_or_build(self, key: StageKey) -> tuple[bytes, str]:
+    async def open(self, key: StageKey) -> tuple[BinaryIO, int, str]:
+        """``key``'s weights opened for reading, their size and digest. An open file stays
+        readable when the store evicts it (the name goes, the data stays until closed)."""
+        while True:
+            path, digest = await self.get(key)
+            try:
+                f = path.open("rb")
+            except FileNotFoundError:  # evicted between the build and the open: build again
+                self._by_key.pop(key, None)
+                continue
+            return f, path.stat().st_size, digest
+
+    async def _get_or_build(self, key: StageKey) -> tuple[Path, int, str]:
         hit = self._by_key.get(key)
-        if hit is not None:
+        if hit is not None and hit[0].exists():
             self._by_key.move_to_end(key)
             return hit
-        data, digest = await asyncio.to_thread(
-            models.stage_weights, key.model, key.seed, key.first, key.last
+        path = self.root / f"{key.model}-{key.seed}-{key.first}-{key.last}.safetensors"
+        digest = await asyncio.to_thread(
+            models.write_stage_weights, key.model, key.seed, key.first, key.last, path
         )
-        self._by_key[key] = (data, digest)
-        total = sum(len(d) for d, _ in self._by_key.values())
+        entry = (path, path.stat().st_size, digest)
+        self._by_key[key] = entry
+        total = sum(size for _, size, _ in self._by_key.values())
         while total > self.max_bytes and len(self._by_key) > 1:
-            _, (old, _) = self._by_key.popitem(last=False)
-            total -= len(old)
-        return data, digest
+            _, (old, size, _) = self._by_key.popitem(last=False)
+            old.unlink(missing_ok=True)
+            total -= size
+        return entry
 
 
 class WeightStoreServicer(coordinator_pb2_grpc.WeightStoreServicer):
@@ -77,17 +112,18 @@ class WeightStoreServicer(coordinator_pb2_grpc.WeightStoreServicer):
         if request.last < request.first:
             raise InvalidArgument("last layer is before first layer")
         key = StageKey(request.model, request.seed, request.first, request.last)
-        data, digest = await self.store.get(key)
-        if request.digest and request.digest != digest:
-            raise FailedPrecondition(
-                f"this store's weights for {request.model}[{request.first}:{request.last}] have "
-                f"digest {digest[:12]}, not {request.digest[:12]}"
-            )
-        view = memoryview(data)
-        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
-            yield coordinator_pb2.WeightChunk(
-                digest=digest if offset == 0 else "",
-                total_bytes=len(data),
-                offset=offset,
-                data=bytes(view[offset : offset + CHUNK_BYTES]),
-            )
+        f, total, digest = await self.store.open(key)
+        with f:
+            if request.digest and request.digest != digest:
+                raise FailedPrecondition(
+                    f"this store's weights for {request.model}[{request.first}:{request.last}] "
+                    f"have digest {digest[:12]}, not {request.digest[:12]}"
+                )
+            for offset in range(0, max(total, 1), CHUNK_BYTES):
+                data = await asyncio.to_thread(f.read, CHUNK_BYTES)
+                yield coordinator_pb2.WeightChunk(
+                    digest=digest if offset == 0 else "",
+                    total_bytes=total,
+                    offset=offset,
+                    data=data,
+                )

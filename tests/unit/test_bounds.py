@@ -33,36 +33,55 @@ def fake_weights(monkeypatch: pytest.MonkeyPatch) -> list[StageKey]:
     """Stage weights of 100 bytes each, recording which were built."""
     built: list[StageKey] = []
 
-    def stage_weights(model: str, seed: int, first: int, last: int) -> tuple[bytes, str]:
+    def write_stage_weights(model: str, seed: int, first: int, last: int, path: Path) -> str:
         built.append(StageKey(model, seed, first, last))
-        return bytes(100), f"{seed:064x}"
+        path.write_bytes(bytes(100))
+        return f"{seed:064x}"
 
-    monkeypatch.setattr(weights.models, "stage_weights", stage_weights)
+    monkeypatch.setattr(weights.models, "write_stage_weights", write_stage_weights)
     return built
 
 
 def test_weight_store_keeps_at_most_its_bytes_most_recent_first(
-    fake_weights: list[StageKey],
+    fake_weights: list[StageKey], tmp_path: Path
 ) -> None:
-    store = WeightStore(max_bytes=250)
+    store = WeightStore(max_bytes=250, root=tmp_path)
 
     async def scenario() -> None:
         for seed in range(5):
             await store.get(StageKey("m", seed, 0, 0))
             await store.get(StageKey("m", 0, 0, 0))  # kept warm: never evicted
         assert len(store._by_key) == 2
-        assert sum(len(d) for d, _ in store._by_key.values()) <= 250
+        assert sum(size for _, size, _ in store._by_key.values()) <= 250
         assert StageKey("m", 0, 0, 0) in store._by_key
         before = len(fake_weights)
         await store.get(StageKey("m", 0, 0, 0))
         assert len(fake_weights) == before  # a hit builds nothing
+        # A file being served when it is evicted stays readable to the end.
+        f, size, _ = await store.open(StageKey("m", 0, 0, 0))
+        with f:
+            for seed in range(5, 8):
+                await store.get(StageKey("m", seed, 0, 0))
+            assert StageKey("m", 0, 0, 0) not in store._by_key
+            assert len(f.read()) == size == 100
 
     asyncio.run(scenario())
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= 250  # evicted files are gone
 
 
-def test_weight_store_keeps_no_lock_per_key_ever_asked(fake_weights: list[StageKey]) -> None:
-    """Any agent may ask for any seed: the per-key build locks must not outlive the builds."""
+def test_weight_store_removes_its_own_directory() -> None:
     store = WeightStore(max_bytes=250)
+    root = store.root
+    assert root.is_dir()
+    del store
+    assert not root.exists()
+
+
+def test_weight_store_keeps_no_lock_per_key_ever_asked(
+    fake_weights: list[StageKey], tmp_path: Path
+) -> None:
+    """Any agent may ask for any seed: the per-key build locks must not outlive the builds."""
+    store = WeightStore(max_bytes=250, root=tmp_path)
 
     async def scenario() -> None:
         await asyncio.gather(*(store.get(StageKey("m", s % 50, 0, 0)) for s in range(500)))
