@@ -20,6 +20,21 @@ scenario; what does not scale (per-hop gRPC and Python overheads, the host's own
 it exceeds the paced time) is what the measurement exists to catch, shrunk ``k``x for the
 first. ``k`` is chosen so the host has room (``--dilation`` overrides) and is in every record.
 
+The room is what this box has *now*: the GFLOP/s an agent thread gets here were measured with
+the two cores to ourselves, and other work on the box (the load average above the core count)
+takes its share of them, so ``k`` grows with it. Without this an agent that cannot keep to its
+paced time runs late and its lateness is reported as the plan's: gpt2-medium's laptop stage
+measured 4.5x its prediction at a load average of 9 with ``k`` chosen for an idle box. An
+agent whose slowdown would come out below :data:`MIN_SLOWDOWN` (no headroom for the host's own
+jitter) fails the scenario with a message naming ``--dilation`` instead of measuring it.
+
+**Power modes.** A plan may run a device in a lower power mode (``DeviceShare.mode``), priced
+at the mode's speed and active power. The bench paces that agent to the mode's speed for that
+plan (its slowdown divided by the mode's speed factor) and prices its busy time at the mode's
+active power (the agents do not switch modes on LoadStage yet). Without this,
+smart-home-assistant's plan, gpt2-medium on the laptop in its 60% mode (212.7 ms predicted),
+would run at the top mode's 127.6 ms and be charged the top mode's power.
+
 Not emulated: the scenario's per-hop latency (this kernel has no netem; a few ms against
 compute of tens to hundreds of ms) and the coordinator's own links (the coordinator's sends
 are not shaped: the scenario's input starts at the first stage's device).
@@ -30,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -51,6 +67,8 @@ HOST_GFLOPS_PER_AGENT = 15.0
 #: The same for the whole box, over all agents at once.
 HOST_GFLOPS_TOTAL = 15.0
 MAX_VIOLATION_RATE = 0.05
+#: An agent slowed less than this has too little headroom over the host's own compute time.
+MIN_SLOWDOWN = 1.5
 
 
 # -- shaped-link goodput ----------------------------------------------------------------------
@@ -127,16 +145,25 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def choose_dilation(scenario: Any, plans: Sequence[Plan]) -> float:
+def host_share() -> float:
+    """The share of this box's cores that other work leaves us: 1 while the load average is
+    within the core count, ``cores / load`` above it."""
+    cores = os.cpu_count() or 1
+    return min(1.0, cores / max(os.getloadavg()[0], 1e-9))
+
+
+def choose_dilation(scenario: Any, plans: Sequence[Plan], share: float = 1.0) -> float:
     """The smallest whole ``k`` that keeps every agent's paced time above this host's own
-    compute time and the box's total load within its shared cores."""
+    compute time and the box's total load within its shared cores, given the ``share`` of
+    the cores that other work leaves (:func:`host_share`)."""
     gflops = {d.node_id: d.gflops for d in scenario.devices}
     per_sample = sum(layer.gflops for layer in scenario.model.layers)
     fastest = max((gflops[d] for p in plans for d in p.device_ids), default=1.0)
     # the capacity phase runs flat out: the load is the plans' throughput, not only the rate
     fastest_rate = max((p.predicted.throughput_sps for p in plans), default=1.0)
     load = per_sample * max(scenario.workload.rate_rps, fastest_rate, 1.0)
-    return float(max(1, math.ceil(max(fastest / HOST_GFLOPS_PER_AGENT, load / HOST_GFLOPS_TOTAL))))
+    per_agent, total = HOST_GFLOPS_PER_AGENT * share, HOST_GFLOPS_TOTAL * share
+    return float(max(1, math.ceil(max(fastest / per_agent, load / total))))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -192,17 +219,57 @@ def dilate(tb: Any, scenario: Any, k: float) -> dict[str, float]:
 
     with Client(tb.coordinator_address, timeout=10) as client:
         reported = {a.profile.node_id: a.profile.gflops for a in client.fleet()}
-    slowdowns = {}
-    for d in scenario.devices:
-        slowdowns[d.node_id] = k * reported[d.node_id] / d.gflops
-        tb.slow(d.node_id, slowdowns[d.node_id])
+    slowdowns = {d.node_id: k * reported[d.node_id] / d.gflops for d in scenario.devices}
+    short = {n: round(x, 2) for n, x in slowdowns.items() if x < MIN_SLOWDOWN}
+    if short:
+        raise SystemExit(
+            f"{scenario.name}: at k={k:g} agents {short} would be slowed less than "
+            f"{MIN_SLOWDOWN}x: this host is too slow or too busy for them; give a larger "
+            "--dilation"
+        )
+    for node_id, slowdown in slowdowns.items():
+        tb.slow(node_id, slowdown)
     return slowdowns
 
 
+def plan_modes(plan: Plan) -> dict[str, str]:
+    """The power mode each device of ``plan`` runs in ("" = its top mode)."""
+    return {d.id: d.mode for stage in plan.stages for d in stage.devices}
+
+
 def run_planner_on_testbed(
-    tb: Any, scenario: Any, planner: str, plan: Plan, k: float
+    tb: Any,
+    scenario: Any,
+    planner: str,
+    plan: Plan,
+    k: float,
+    slowdowns: dict[str, float] | None = None,
 ) -> tuple[Figures, dict[str, Any]]:
-    """Deploy ``plan`` as given and measure it; figures in the scenario's (undilated) units."""
+    """Deploy ``plan`` as given and measure it; figures in the scenario's (undilated) units.
+
+    A device the plan runs in a lower power mode is paced to that mode's speed (its dilated
+    ``slowdowns`` entry over the mode's speed factor) for this plan, and its energy is priced
+    at the mode's active power, as the planner priced it.
+    """
+
+    modes = plan_modes(plan)
+    profiles = {d.node_id: d.in_mode(modes.get(d.node_id, "")) for d in scenario.devices}
+    if slowdowns is not None:
+        top = {d.node_id: d.gflops for d in scenario.devices}
+        for node_id in modes:
+            tb.slow(node_id, slowdowns[node_id] * top[node_id] / profiles[node_id].gflops)
+    try:
+        return _measure(tb, scenario, plan, k, profiles)
+    finally:
+        if slowdowns is not None:
+            for node_id in modes:
+                if modes[node_id]:
+                    tb.slow(node_id, slowdowns[node_id])
+
+
+def _measure(
+    tb: Any, scenario: Any, plan: Plan, k: float, profiles: dict[str, Any]
+) -> tuple[Figures, dict[str, Any]]:
     from doramesh import models
     from doramesh.sdk import Client
 
@@ -240,7 +307,6 @@ def run_planner_on_testbed(
             done.append(time.perf_counter())
     skip = min(4, len(done) - 2)
     capacity = (len(done) - 1 - skip) * batch / (done[-1] - done[skip]) * k
-    profiles = {d.node_id: d for d in scenario.devices}
     energy = 0.0
     detail: dict[str, Any] = {}
     samples = at_rate * batch
@@ -267,6 +333,7 @@ def run_planner_on_testbed(
         "requests_at_rate": at_rate,
         "requests_flat_out": len(cap_inputs),
         "latency_violation_rate": violations,
+        "power_modes": {d: m for d, m in plan_modes(plan).items() if m},
     }
     return figures, detail_out
 
@@ -314,7 +381,9 @@ def run_scenario(
             plans[name] = plan_set.plans[0]
         except DoraMeshError as err:
             errors[name] = err.message
-    k = dilation or choose_dilation(scenario, list(plans.values()))
+    share = host_share()
+    load_average = [round(x, 2) for x in os.getloadavg()]
+    k = dilation or choose_dilation(scenario, list(plans.values()), share)
     records = []
     # A CPU-bound agent on this shared box can miss health checks for seconds; a plan deployed
     # as given must not be dropped and re-planned for that.
@@ -335,7 +404,7 @@ def run_scenario(
                 continue
             plan = plans[name]
             sim = _static_figures(plan, scenario)
-            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k)
+            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k, slowdowns)
             pred = plan.predicted
             records.append(
                 {
@@ -344,6 +413,8 @@ def run_scenario(
                     "objective": scenario.qoe.objective,
                     "feasible": True,
                     "dilation": k,
+                    "host_share": share,
+                    "load_average": load_average,
                     "agent_slowdowns": slowdowns,
                     "measured": measured.to_json(),
                     "predicted": {
