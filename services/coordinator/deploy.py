@@ -321,6 +321,7 @@ class Deployer:
     ) -> LiveSet:
         """Load every plan of a plan set (the first must load; another that does not fit is
         left out) and weigh them with the adapter."""
+        given = plans is not None
         if plans is None:
             plan_set, table = await self.plan_set(
                 model, qoe, workload, planner, timeout_s, max_plans=max_plans, devices=devices
@@ -328,7 +329,7 @@ class Deployer:
             plans = list(plan_set.plans[:max_plans])
         else:
             table = await asyncio.to_thread(models.layer_table, model)
-        live = LiveSet(model, seed, qoe, workload, planner, max_plans)
+        live = LiveSet(model, seed, qoe, workload, planner, max_plans, given=given)
         for i, plan in enumerate(plans):
             try:
                 dep = await self._load_plan(
@@ -967,9 +968,9 @@ class Deployer:
     def _replan_if_qoe_missed(self, live: LiveSet, alive: frozenset[NodeId]) -> None:
         """Re-weighting first; a re-plan only when the shares cannot meet the job's QoE any
         more (its throughput floor, or no plan within its latency SLO), at most once per
-        ``QOE_REPLAN_COOLDOWN_S``."""
+        ``QOE_REPLAN_COOLDOWN_S``. Plans the client gave are kept: it chose them."""
         now = time.monotonic()
-        if now - live.qoe_replan_at < QOE_REPLAN_COOLDOWN_S:
+        if live.given or now - live.qoe_replan_at < QOE_REPLAN_COOLDOWN_S:
             return
         inp = live.adapter_input(alive)
         reason = ""

@@ -82,6 +82,9 @@ class LiveSet:
     qoe_replan_at: float = -math.inf
     #: Seconds from each re-planning's trigger until its plans were live.
     replan_live_s: list[float] = field(default_factory=list)
+    #: The client gave these plans: a missed QoE re-weights them but does not re-plan (only
+    #: agents that died do).
+    given: bool = False
     _credit: dict[int, float] = field(default_factory=dict)
     arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 

@@ -38,7 +38,8 @@ def deployment_to_pb(dep: Deployment, share: float = 0.0) -> coordinator_pb2.Dep
     return coordinator_pb2.Deployment(
         model=dep.model,
         plan_epoch=dep.plan_epoch,
-        # The buckets in force: the fleet-wide schedule's when other models' plans are live.
+        # As the fleet-wide scheduler priced it beside other models' live plans, if any (its
+        # flows are the buckets the senders enforce while pacing is on).
         plan=convert.plan_to_pb(dep.paced or dep.plan),
         status=dep.status,
         error=dep.error,

@@ -7,6 +7,7 @@ buckets checked are the agents' own (what their sends wait on).
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,6 +17,7 @@ from doramesh import models
 from doramesh.planner import milp
 from doramesh.sdk import AsyncClient
 from doramesh.testing import LocalFleet
+from doramesh.testing.fleet import wait_for_async
 from doramesh.tokenbucket import TokenBucket
 from doramesh.types import (
     DeviceProfile,
@@ -104,3 +106,31 @@ async def test_two_models_are_paced_together_and_pacing_switches_live(fleet: Loc
         assert mbps(sender_bucket(fleet, nas, BULK)) == pytest.approx(bulk_flow.rate_mbps)
         assert mbps(sender_bucket(fleet, cam, CAMERA)) == pytest.approx(camera_flow.rate_mbps)
         assert await client.set_pacing(True) == 0  # nothing left to change
+
+
+async def test_a_given_plan_that_misses_its_slo_is_not_replanned(fleet: LocalFleet) -> None:
+    """A client that pinned its plan keeps it when the QoE is missed (re-weighting only): the
+    contention bench's unpaced phase misses the SLO on purpose and must measure that plan."""
+    cam, hub, _ = (a.settings.node_id for a in fleet.agents)
+    coordinator = fleet.coordinator
+    assert coordinator is not None and coordinator.deployer is not None
+    deployer = coordinator.deployer
+    async with AsyncClient(fleet.address, timeout=120) as client:
+        devices = [a.profile for a in await client.fleet()]
+        plan = two_stages(CAMERA, 6, cam, hub, devices, CAMERA_LOAD)
+        dep = await client.deploy(
+            CAMERA, plan=plan, qoe=QoESpec(latency_ms=1.0), workload=CAMERA_LOAD
+        )
+        x = models.example_input(CAMERA, 1, seed=4)
+        for _ in range(3):
+            await client.infer(CAMERA, x)
+        live = deployer.live[CAMERA]
+        # The adapter has seen the missed latency (the round that would ask for a re-plan).
+        await wait_for_async(
+            lambda: any(lat is not None and lat > 1.0 for _, lat in live.solved_latencies), 30
+        )
+        assert live.qoe_replan_at == -math.inf  # no re-plan was asked for
+        assert CAMERA not in deployer._replanning and CAMERA not in deployer._replan_errors
+        assert live.replans == 0 and deployer.live[CAMERA] is live
+        status = await client.job_status(CAMERA)
+        assert status.deployment.plan_epoch == dep.plan_epoch
