@@ -32,6 +32,7 @@ import random
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
 PACKET_IGNORE_OUTGOING = 23
+PACKET_STATISTICS = 6
 #: A 64 KiB GSO frame, its Ethernet header and the virtio_net_hdr in front.
 MAX_FRAME = 65536 + 14 + 10 + 64
 #: Frames read from one socket before the loop looks at due frames again.
@@ -117,6 +119,12 @@ class DelayLine:
 
     def __len__(self) -> int:
         return len(self._frames)
+
+
+def _kernel_drops(sock: socket.socket) -> int:
+    """Frames the kernel dropped because this socket's receive buffer was full."""
+    _, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    return int(drops)
 
 
 def _packet_socket(ifname: str) -> socket.socket:
@@ -189,6 +197,7 @@ def forward(
             forwarded_back=back.forwarded,
             dropped=out.line.dropped + back.line.dropped,
             send_errors=out.send_errors + back.send_errors,
+            socket_drops=_kernel_drops(host_sock) + _kernel_drops(lan_sock),
         )
         host_sock.close()
         lan_sock.close()

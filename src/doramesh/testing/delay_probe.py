@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -197,8 +198,8 @@ def tcp_counters(ns: str) -> tuple[int, int]:
 
 # -- the measurement --------------------------------------------------------------------------
 @contextmanager
-def _lan(delay_ms: float, jitter_ms: float) -> Iterator[tuple[Any, list[int]]]:
-    """Hosts a, b behind forwarders (``delay_ms`` each way out), c, d plain; forwarder pids."""
+def _lan(delay_ms: float, logs: Path) -> Iterator[tuple[Any, list[int]]]:
+    """Hosts a, b behind forwarders (``delay_ms`` out of each), c, d plain; forwarder pids."""
     from doramesh.testing.delay import DelaySpec, start_forwarder
     from doramesh.testing.netns import Lan, free_subnet, new_prefix, remove_prefix
 
@@ -209,10 +210,9 @@ def _lan(delay_ms: float, jitter_ms: float) -> Iterator[tuple[Any, list[int]]]:
         for name in "abcd":
             lan.add_host(name)
         for seed, name in enumerate("ab"):
-            log = Path(f"/tmp/{lan.prefix}-fwd-{name}.log")
-            forwarders.append(
-                start_forwarder(lan, name, DelaySpec(delay_ms, jitter_ms), seed=seed, log=log)
-            )
+            spec = DelaySpec(delay_ms)
+            log = logs / f"{name}.log"
+            forwarders.append(start_forwarder(lan, name, spec, seed=seed, log=log))
         yield lan, [p.pid for p in forwarders]
     finally:
         for proc in forwarders:
@@ -223,9 +223,11 @@ def _lan(delay_ms: float, jitter_ms: float) -> Iterator[tuple[Any, list[int]]]:
 
 def measure(delay_ms: float = 5.0, seconds: float = 4.0, link_mbps: float = 20.0) -> dict[str, Any]:
     import statistics
+    import tempfile
 
+    logs = Path(tempfile.mkdtemp(prefix="doramesh-delay-"))
     report: dict[str, Any] = {"delay_ms": delay_ms, "loadavg_before": os.getloadavg()}
-    with _lan(delay_ms, 0.0) as (lan, pids):
+    with _lan(delay_ms, logs) as (lan, pids):
         h = {name: lan.hosts[name] for name in "abcd"}
         echoes = [Listener(h[n].ns, "echo", 9000) for n in "bd"]
         time.sleep(0.5)
@@ -283,6 +285,11 @@ def measure(delay_ms: float = 5.0, seconds: float = 4.0, link_mbps: float = 20.0
                 "segments": segs1[0] - segs0[0],
             }
         report[f"tcp_goodput_tbf_{link_mbps:g}_mbit"] = goodput
+    # each forwarder's last line: what it forwarded and anything it or the kernel dropped
+    report["forwarders"] = [
+        json.loads(path.read_text().splitlines()[-1]) for path in sorted(logs.glob("*.log"))
+    ]
+    shutil.rmtree(logs)
     report["loadavg_after"] = os.getloadavg()
     return report
 
