@@ -28,6 +28,16 @@ The ``doramesh`` planner, within ``time_limit_s`` (model building included, neve
 6. *Mix and network scheduler*: the request rate is split over plans that can run at once, and
    ``netsched.schedule`` sets every flow's token bucket and re-prices the plans live together.
 
+The time limit holds in every phase: the searches get shares of the time to a deadline of
+``SOLVER_SHARE`` of the limit (the rest is for building the plans, the network scheduler and
+the interpreter's jitter). A DP search runs at least one full pass whatever its budget, so an
+optional one (another plan for the set, another power-mode fleet, another objective) starts
+only when the time left covers the longest minimal search measured so far in the call
+(``_Search.affords_search``). The partitioner keeps its own limit, CVXPY's compile included
+(``milp.py``: an estimated compile that does not fit is not started, one that overruns is
+abandoned). Whatever stopped early is in the report: ``milp_status`` says why the program did
+not run (``no-time``, ``abandoned``, ``busy``) or HiGHS' status, with its gap.
+
 When the request rate is given, the first plan is asked to keep up with it alone
 (``bottleneck <= 1 / rate``), since a pipeline that cannot queues without bound; only when no
 plan can does the set share the load. With ``max_throughput`` and a request rate, throughput
@@ -107,6 +117,9 @@ MIX_UTILISATION = 0.85
 MAX_GROW_STEPS = 16
 #: The partitioner is not started with less time than this left (seconds).
 MILP_MIN_SECONDS = 0.15
+#: A search is not started with less time left than this many times the longest minimal DP
+#: search measured in the same call (``_Search.affords_search``).
+SEARCH_SAFETY = 1.5
 #: Importing CVXPY the first time takes seconds; without this much time left the first call
 #: plans with the dynamic program alone (``warm_up`` imports it ahead of time).
 COLD_IMPORT_BUDGET_S = 8.0
@@ -263,9 +276,22 @@ class _Search:
     milp_gap: float | None = None
     dp_exact: bool | None = None
     notes: list[str] = field(default_factory=list)
+    dp_seconds: list[tuple[float, bool]] = field(default_factory=list)
+    """Every DP search so far: (seconds, whether it ran past its own budget)."""
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
+
+    def affords_search(self) -> bool:
+        """Whether one more search fits before the deadline. A DP search runs at least one
+        full pass (a few for some objectives) whatever its budget, so it is not started with
+        less time left than ``SEARCH_SAFETY`` times the longest such minimal search measured so
+        far (a search that ran past its budget was minimal; before any did, the shortest one)."""
+        if not self.dp_seconds:
+            return self.left() > 0
+        minimal = [s for s, over in self.dp_seconds if over]
+        floor = max(minimal) if minimal else min(s for s, _ in self.dp_seconds)
+        return self.left() > SEARCH_SAFETY * floor
 
     def best(
         self,
@@ -307,7 +333,7 @@ class _Search:
                     runs.append(("min_energy", margin, 0.2))
         proven: list[bool] = []
         for k, (dp_objective, dp_bounds, dp_share) in enumerate(runs):
-            if k > 0 and time.perf_counter() >= until:
+            if k > 0 and (time.perf_counter() >= until or not self.affords_search()):
                 break  # a DP run takes at least one full pass: none starts past the budget
             dp_until = until
             if dp_share < 1.0:
@@ -488,10 +514,13 @@ class _Search:
     ) -> tuple[tuple[StagePlan, ...] | None, bool]:
         """The DP's plan on the blocks (as layer ranges) and whether it is proven optimal
         (``steady``: training priced as a pipeline in steady state, see ``dp._Problem``)."""
+        started = time.perf_counter()
         pb = dp._Problem(subset, self.coarse, self.network, self.workload, steady=steady)
         dp_bounds = dp._Bounds(bounds.latency_s, bounds.bottleneck_s, bounds.energy_j)
         # The DP's own budget for its exact fallback is capped by ours.
         stages, _, exact = dp._solve(pb, objective, dp_bounds, "auto", until)
+        ended = time.perf_counter()
+        self.dp_seconds.append((ended - started, ended > until))
         if stages is None:
             return None, exact
         return self.co.expand(dp._stage_plans(pb, stages)), exact
@@ -675,7 +704,7 @@ def _plan_doramesh(
             found = replicas
     # The best plans for the other objectives, when they add something.
     for other in _OBJECTIVES:
-        if len(found) >= max_plans or search.left() <= 0.02 or other == objective:
+        if len(found) >= max_plans or not search.affords_search() or other == objective:
             continue
         alt = search.best(devices, bounds, other, share=0.5, use_milp=False)
         if alt is not None and all(alt.stages != c.stages for c in found):
@@ -772,7 +801,7 @@ def _slower_modes(search: _Search, first: _Candidate, bounds: milp.Bounds) -> _C
         return first
     found = [first]
     for k, assignment in enumerate(assignments):
-        if search.left() <= MODE_MIN_SECONDS:
+        if search.left() <= MODE_MIN_SECONDS or not search.affords_search():
             search.notes.append(
                 f"power modes: {k} of {len(assignments)} assignments searched in the time limit"
             )
@@ -849,13 +878,13 @@ def _disjoint_plans(
     """The first plan, then the best plans on devices no earlier plan uses."""
     found = [first]
     used = {m.id for s in first.stages for m in s.devices}
-    while len(found) < max_plans and search.left() > 0.02:
+    while len(found) < max_plans and search.affords_search():
         remaining = [d for d in search.devices if d.node_id not in used]
         if not remaining:
             break
         share = 1.0 / (max_plans - len(found) + 1)
         extra = search.best(remaining, bounds, objective, share=share)
-        if extra is None and fallback is not bounds:
+        if extra is None and fallback is not bounds and search.affords_search():
             extra = search.best(remaining, fallback, objective, share=share)
         if extra is None:
             break
@@ -883,7 +912,7 @@ def _replicated_plans(
         return []
     used = {m.id for c in found for s in c.stages for m in s.devices}
     remaining = [d for d in search.devices if d.node_id not in used]
-    if len(found) < max_plans and remaining and search.left() > 0.02:
+    if len(found) < max_plans and remaining and search.affords_search():
         extra = search.best(remaining, bounds, objective, share=0.5)
         if extra is not None:
             found.append(extra)

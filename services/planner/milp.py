@@ -54,6 +54,24 @@ this program (singleton columns, block-aligned cuts) handed to HiGHS as a MIP st
 limit still returns a plan at least as good as the DP's, with HiGHS' optimality gap.
 ``brute_force`` enumerates every split, ordered disjoint group and integer sample split for
 small instances, scoring them with ``cost.evaluate`` only: the tests' optimality oracle.
+
+Time limit
+----------
+HiGHS honours its own time limit, but CVXPY's compilation of the program (canonicalisation,
+before HiGHS starts) has none, and on a loaded box it takes 0.05-0.9 s, loosely tied to the
+program's size. The caller's limit is a promise (the coordinator re-plans live with it), so:
+
+- the program is compiled only when the time left covers a conservative estimate of the compile
+  (``_CompileClock``: seconds per unit of program size, measured in this process on every
+  compile, the worst of the recent ones, so it follows the box's load) and a minimal solve;
+- building, compiling and solving run in a worker thread that the caller waits on until its
+  deadline and no longer. A thread cannot be stopped, so a compile that overran is abandoned:
+  it finishes on its own, skips HiGHS (no time is left) and releases the one slot there is
+  (``_IN_FLIGHT``); until then further calls do not start another program (status ``busy``), so
+  abandoned compiles never pile up. Only one thread touches CVXPY at any time.
+
+Whatever happens, the warm start (checked by the cost model) comes back when nothing better
+does, with the status saying why the program did not run.
 """
 
 from __future__ import annotations
@@ -62,8 +80,10 @@ import hashlib
 import importlib
 import itertools
 import math
+import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +133,17 @@ BOUND_SLACK = 1e-9
 #: Brute force enumerates at most this many devices and layers.
 BRUTE_FORCE_MAX_DEVICES = 5
 BRUTE_FORCE_MAX_LAYERS = 8
+#: HiGHS is not started with less than this budget of its own (seconds).
+HIGHS_MIN_SECONDS = 0.05
+#: The compile-time estimate is the worst per-unit rate of this many recent compiles, times
+#: ``COMPILE_SAFETY`` (load on a shared box changes from one compile to the next).
+COMPILE_SAMPLES = 8
+COMPILE_SAFETY = 1.5
+#: Scalar variables per unit of program size; a unit also stands for CVXPY's fixed cost per
+#: compile, which dominates small programs (a program of ``v`` variables is ``1 + v / this``).
+COMPILE_UNIT_VARIABLES = 2000
+#: CVXPY's C++ canonicalisation backend: 1.5-2x faster than ``COO`` on these programs.
+CANON_BACKEND = "CPP"
 
 # The program works in milliseconds and millijoules, so that its values sit well above the
 # solver's absolute tolerances (1e-6).
@@ -1185,11 +1216,17 @@ def _build(
 
                 steps.append(pick_step)
             rows_c = np.array([r[0] for r in d.battery_rows])
-            use = cp.multiply(f_col[:, rows_c], np.array([r[1] for r in d.battery_rows]))
+
+            def per_row(k: int) -> FloatArray:
+                # Broadcast here: CVXPY's C++ backend has no broadcast atom of its own.
+                row = np.array([r[k] for r in d.battery_rows])
+                return np.broadcast_to(row, (S, len(rows_c)))
+
+            use = cp.multiply(f_col[:, rows_c], per_row(1))
             if w_col is not None:
-                use = use + cp.multiply(w_col[:, rows_c], np.array([r[2] for r in d.battery_rows]))
+                use = use + cp.multiply(w_col[:, rows_c], per_row(2))
             if p_col is not None:
-                use = use + cp.multiply(p_col[:, rows_c], np.array([r[3] for r in d.battery_rows]))
+                use = use + cp.multiply(p_col[:, rows_c], per_row(3))
             # A member of an unused column uses nothing, so no big-M is needed.
             headroom = np.broadcast_to(np.array([r[4] for r in d.battery_rows]), (S, len(rows_c)))
             cons.append(
@@ -1229,17 +1266,69 @@ def _warm_values(model: _Model, z0: FloatArray, a0: FloatArray) -> None:
         step()
 
 
+class _CompileClock:
+    """How long CVXPY takes to compile a program here: seconds per unit of program size (see
+    ``COMPILE_UNIT_VARIABLES``), from the recent compiles of this process. Before the first one
+    nothing is known and the estimate is zero: the first compile measures (and the caller's
+    deadline still holds, see ``solve``)."""
+
+    def __init__(self) -> None:
+        self._rates: deque[float] = deque(maxlen=COMPILE_SAMPLES)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def size(problem: Any) -> float:
+        return 1.0 + float(sum(v.size for v in problem.variables())) / COMPILE_UNIT_VARIABLES
+
+    def observe(self, size: float, seconds: float) -> None:
+        with self._lock:
+            self._rates.append(seconds / size)
+
+    def estimate(self, size: float) -> float:
+        with self._lock:
+            worst = max(self._rates, default=0.0)
+        return COMPILE_SAFETY * worst * size
+
+
+_COMPILE_CLOCK = _CompileClock()
+#: One program is built, compiled or solved at a time (see the module docstring).
+_IN_FLIGHT = threading.Lock()
+
+
+def _highs_budget(left: float) -> float:
+    """HiGHS' own time limit with ``left`` seconds to the deadline: the rest covers HiGHS'
+    overrun of its limit, reading the answer back and checking it."""
+    return left - max(0.1, 0.25 * left)
+
+
 def _solve_highs(
     model: _Model, deadline: float, mip_gap: float, warm: bool
 ) -> tuple[str, float | None, bool]:
-    """Run HiGHS through CVXPY's problem data (so a MIP start can be passed); returns
-    (model status, relative gap, whether the start was accepted as a point)."""
+    """Compile the program with CVXPY and run HiGHS on its problem data (so a MIP start can be
+    passed); returns (model status, relative gap, whether the start was accepted as a point).
+    ``no-time``: the compile's estimate and a minimal solve do not fit before ``deadline``;
+    ``not-run``: the compile overran its estimate and left HiGHS no time."""
     cp: Any = importlib.import_module("cvxpy")
     highspy: Any = importlib.import_module("highspy")
     settings: Any = importlib.import_module("cvxpy.settings")
 
     problem = model.problem
-    data, chain, inverse = problem.get_problem_data(cp.HIGHS, canon_backend="COO")
+    size = _COMPILE_CLOCK.size(problem)
+    expected = _COMPILE_CLOCK.estimate(size)
+    if _highs_budget(deadline - time.perf_counter() - expected) < HIGHS_MIN_SECONDS:
+        return "no-time", None, False
+    compile_started = time.perf_counter()
+    try:
+        data, chain, inverse = problem.get_problem_data(cp.HIGHS, canon_backend=CANON_BACKEND)
+    except ValueError as err:
+        # CVXPY refuses up front (before any work) an atom the C++ backend lacks; the program
+        # is written without such atoms, so this only guards against a change that adds one.
+        _log.warning("compiling with the COO backend", reason=str(err))
+        data, chain, inverse = problem.get_problem_data(cp.HIGHS, canon_backend="COO")
+    compiled = time.perf_counter() - compile_started
+    _COMPILE_CLOCK.observe(size, compiled)
+    if compiled > expected > 0:
+        _log.debug("compile overran its estimate", seconds=round(compiled, 3), expected=expected)
     cache: dict[str, Any] = {}
     if warm:
         x0 = np.zeros(data["A"].shape[1])
@@ -1260,11 +1349,8 @@ def _solve_highs(
                 None,
                 {"solution": solution, "model_status": "kOptimal"},
             )
-    # Compiling took part of the budget; leave some for HiGHS' own overrun of its limit and
-    # for reading the answer back and checking it.
-    left = deadline - time.perf_counter()
-    budget = left - max(0.1, 0.25 * left)
-    if budget < 0.01:
+    budget = _highs_budget(deadline - time.perf_counter())
+    if budget < HIGHS_MIN_SECONDS:
         return "not-run", None, False
     options = {
         "time_limit": budget,
@@ -1367,13 +1453,15 @@ def solve(
     exhaustive: bool | None = None,
     incumbent_energy_j: float | None = None,
 ) -> MilpResult:
-    """The best hybrid plan the program finds within ``time_limit_s`` (model build included).
+    """The best hybrid plan the program finds within ``time_limit_s`` (everything included:
+    the call returns by then, see the module docstring).
 
     ``bounds`` defaults to the QoE's; a caller may tighten the bottleneck (e.g. to keep up with
     the request rate). ``warm_start`` is a block-aligned plan (layer indices) used as the MIP
     start; whatever HiGHS returns is checked against the cost model, and the warm start is
     returned instead when it is better (or when HiGHS returns nothing). ``incumbent_energy_j``
-    (min_energy) bounds the period the program must consider.
+    (min_energy) bounds the period the program must consider. Status ``busy``: an abandoned
+    program was still compiling; ``abandoned``: this one did not finish in time.
     """
     started = time.perf_counter()
     deadline = started + time_limit_s
@@ -1382,62 +1470,55 @@ def solve(
     keep = [m.id for s in warm_start or () for m in s.devices]
     devices = narrow(devices, network, keep=keep)
     bounds = bounds or Bounds.of(qoe, workload.batch)
-    d = _prepare(
-        devices,
-        table,
-        network,
-        workload,
-        co,
-        battery_hours=battery_hours,
-        exhaustive=exhaustive,
-        include=tuple(warm_start or ()),
+    warm_stages = tuple(warm_start) if warm_start is not None else None
+    warm_cost = (
+        valid_plan(warm_stages, devices, table, network, workload, bounds, battery_hours)
+        if warm_stages is not None
+        else None
     )
-    if not d.columns:
-        return MilpResult(
-            None, None, "no-columns", None, time.perf_counter() - started, 0.0, 0, 0, False
-        )
-    n_stages = max(1, min(max_stages, len(co.blocks), len(devices)))
-    if warm_start is not None:
-        n_stages = max(n_stages, min(len(warm_start), len(co.blocks)))
-    rate_period = 1.0 / workload.rate_rps if workload.rate_rps > 0 else 0.0
-    fixed_period = rate_period if 0 < rate_period and bounds.bottleneck_s <= rate_period else None
-    energy_needed = (
-        qoe.objective == "min_energy" or math.isfinite(bounds.energy_j) or bool(d.battery_rows)
-    )
-    period_cap = _period_cap(d, bounds, n_stages, incumbent_energy_j, qoe.objective)
-    model = _build(
-        d,
-        qoe.objective,
-        bounds,
-        n_stages,
-        fixed_period_s=fixed_period,
-        period_cap_s=period_cap,
-        energy_needed=energy_needed,
-    )
-    warm_cost: cost.PlanCost | None = None
-    warm_stages: tuple[StagePlan, ...] | None = None
-    warm = False
-    if warm_start is not None:
-        warm_stages = tuple(warm_start)
-        warm_cost = valid_plan(
-            warm_stages, devices, table, network, workload, bounds, battery_hours
-        )
-        encoded = _encode(d, warm_stages, n_stages) if warm_cost is not None else None
-        if encoded is not None:
-            _warm_values(model, *encoded)
-            warm = True
-    build_seconds = time.perf_counter() - started
-    left = deadline - time.perf_counter()
-    status, gap, warm_used = "not-run", None, False
-    found: tuple[StagePlan, ...] | None = None
-    if left > 0.02:
-        status, gap, warm_used = _solve_highs(model, deadline, mip_gap, warm)
-        found = _decode(d, model) if status != "not-run" else None
-    best: tuple[StagePlan, ...] | None = None
-    best_cost: cost.PlanCost | None = None
-    if found:
-        best_cost = valid_plan(found, devices, table, network, workload, bounds, battery_hours)
-        best = found if best_cost is not None else None
+    attempt = _Attempt()
+    if deadline - time.perf_counter() <= HIGHS_MIN_SECONDS:
+        attempt.status = "no-time"
+    elif not _IN_FLIGHT.acquire(blocking=False):
+        attempt.status = "busy"
+    else:
+
+        def work() -> None:
+            try:
+                _attempt(
+                    attempt,
+                    devices,
+                    table,
+                    network,
+                    workload,
+                    qoe.objective,
+                    bounds,
+                    co,
+                    deadline,
+                    warm_stages if warm_cost is not None else None,
+                    max_stages=max_stages,
+                    battery_hours=battery_hours,
+                    mip_gap=mip_gap,
+                    exhaustive=exhaustive,
+                    incumbent_energy_j=incumbent_energy_j,
+                )
+            except Exception as err:  # re-raised in the caller's thread below
+                attempt.error = err
+            finally:
+                attempt.done = True
+                _IN_FLIGHT.release()
+
+        worker = threading.Thread(target=work, name="milp-solve", daemon=True)
+        worker.start()
+        worker.join(max(deadline - time.perf_counter(), 0.0))
+        if not attempt.done:
+            # The compile overran: it finishes on its own, finds no time left for HiGHS and
+            # frees the slot; what it found is not waited for.
+            _log.info("partitioner abandoned at its deadline", limit_s=round(time_limit_s, 3))
+            attempt = _Attempt(status="abandoned")
+        elif attempt.error is not None:
+            raise attempt.error
+    best, best_cost = attempt.found, attempt.found_cost
     if (
         warm_cost is not None
         and warm_stages is not None
@@ -1451,18 +1532,113 @@ def solve(
     seconds = time.perf_counter() - started
     _log.debug(
         "milp",
-        status=status,
-        gap=gap,
-        columns=len(d.columns),
-        stages=n_stages,
+        status=attempt.status,
+        gap=attempt.gap,
+        columns=attempt.columns,
+        stages=attempt.stages,
         blocks=len(co.blocks),
-        warm=warm_used,
+        warm=attempt.warm_used,
         seconds=round(seconds, 3),
-        build=round(build_seconds, 3),
+        build=round(attempt.build_seconds, 3),
     )
     return MilpResult(
-        plan, best_cost, status, gap, seconds, build_seconds, len(d.columns), n_stages, warm_used
+        plan,
+        best_cost,
+        attempt.status,
+        attempt.gap,
+        seconds,
+        attempt.build_seconds,
+        attempt.columns,
+        attempt.stages,
+        attempt.warm_used,
     )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one run of the program found, filled in by the worker thread (read by the caller
+    only once ``done``)."""
+
+    status: str = "not-run"
+    gap: float | None = None
+    found: tuple[StagePlan, ...] | None = None
+    found_cost: cost.PlanCost | None = None
+    build_seconds: float = 0.0
+    columns: int = 0
+    stages: int = 0
+    warm_used: bool = False
+    done: bool = False
+    error: Exception | None = None
+
+
+def _attempt(
+    out: _Attempt,
+    devices: Sequence[DeviceProfile],
+    table: LayerTable,
+    network: Network,
+    workload: Workload,
+    objective: Objective,
+    bounds: Bounds,
+    co: coarsen.Coarsening,
+    deadline: float,
+    warm_stages: tuple[StagePlan, ...] | None,
+    *,
+    max_stages: int,
+    battery_hours: float | None,
+    mip_gap: float,
+    exhaustive: bool | None,
+    incumbent_energy_j: float | None,
+) -> None:
+    """Build the program, compile it and solve it with HiGHS by ``deadline`` (``solve``'s
+    worker; ``warm_stages`` is a valid plan or None)."""
+    started = time.perf_counter()
+    d = _prepare(
+        devices,
+        table,
+        network,
+        workload,
+        co,
+        battery_hours=battery_hours,
+        exhaustive=exhaustive,
+        include=warm_stages or (),
+    )
+    if not d.columns:
+        out.status = "no-columns"
+        return
+    n_stages = max(1, min(max_stages, len(co.blocks), len(devices)))
+    if warm_stages is not None:
+        n_stages = max(n_stages, min(len(warm_stages), len(co.blocks)))
+    out.columns, out.stages = len(d.columns), n_stages
+    rate_period = 1.0 / workload.rate_rps if workload.rate_rps > 0 else 0.0
+    fixed_period = rate_period if 0 < rate_period and bounds.bottleneck_s <= rate_period else None
+    energy_needed = (
+        objective == "min_energy" or math.isfinite(bounds.energy_j) or bool(d.battery_rows)
+    )
+    period_cap = _period_cap(d, bounds, n_stages, incumbent_energy_j, objective)
+    model = _build(
+        d,
+        objective,
+        bounds,
+        n_stages,
+        fixed_period_s=fixed_period,
+        period_cap_s=period_cap,
+        energy_needed=energy_needed,
+    )
+    warm = False
+    if warm_stages is not None:
+        encoded = _encode(d, warm_stages, n_stages)
+        if encoded is not None:
+            _warm_values(model, *encoded)
+            warm = True
+    out.build_seconds = time.perf_counter() - started
+    out.status, out.gap, out.warm_used = _solve_highs(model, deadline, mip_gap, warm)
+    if out.status in ("no-time", "not-run"):
+        return
+    found = _decode(d, model)
+    if found:
+        found_cost = valid_plan(found, devices, table, network, workload, bounds, battery_hours)
+        if found_cost is not None:
+            out.found, out.found_cost = found, found_cost
 
 
 def _max_cut_ms(d: _Data) -> float:

@@ -12,7 +12,7 @@ import random
 import time
 
 import pytest
-from planner_fixtures import MB, device, uniform_table
+from planner_fixtures import MB, TIME_SLACK_S, device, uniform_table
 
 from doramesh.errors import FailedPrecondition, InvalidArgument
 from doramesh.planner import api, coarsen, cost, milp
@@ -430,7 +430,7 @@ def test_time_limit_is_never_exceeded(objective: Objective) -> None:
         result = api.plan(
             fleet, table, Network("shared", 200, 3), workload, QoESpec(objective), time_limit_s=0.5
         )
-        assert time.perf_counter() - start <= 0.5
+        assert time.perf_counter() - start <= 0.5 + TIME_SLACK_S
         assert result.plans
 
 
@@ -447,7 +447,7 @@ def test_partitioner_reports_its_gap_under_a_time_limit() -> None:
         coarsening=co,
         time_limit_s=0.4,
     )
-    assert time.perf_counter() - start <= 0.4
+    assert time.perf_counter() - start <= 0.4 + TIME_SLACK_S
     if got.status == "kOptimal":
         assert got.gap == 0.0
     elif got.gap is not None:
