@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,33 @@ def test_a_failed_up_tears_the_forwarders_down() -> None:
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(pid) for pid in pids)
+
+
+def test_sigterm_to_the_testbed_process_removes_the_forwarders(tmp_path: Path) -> None:
+    prefix = new_prefix()
+    script = (
+        "import time\n"
+        "from doramesh.testing.testbed import Testbed\n"
+        "from doramesh.testing.testbed_cli import _exit_on_sigterm\n"
+        "_exit_on_sigterm()\n"  # what `doramesh testbed run` does
+        f"tb = Testbed([], latency_ms=5.0, prefix={prefix!r}).up()\n"
+        "print(*(d.pid for n, d in tb.daemons.items() if n.startswith('delay-')), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1, proc.stderr.read() if proc.stderr else ""
+        assert list_namespaces(prefix) != []
+        proc.terminate()
+        proc.wait(60)
+        # checked before the cleanup below, which would remove them itself
+        assert list_namespaces(prefix) == []
+        assert _gone(pids[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        remove_prefix(prefix)

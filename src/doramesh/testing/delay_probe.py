@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -316,11 +316,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--link-mbps", type=float, default=20.0)
     args = vars(parser.parse_args(argv))
-    probe = args.pop("probe").replace("-", "_")
-    if probe == "echo":
-        echo(args["port"])
-    result = globals()[probe](**args)
-    print(json.dumps(result, indent=2 if probe == "measure" else None), flush=True)
+    probes: dict[str, Callable[..., Any]] = {
+        "echo": echo,
+        "ping": ping,
+        "udp-source": udp_source,
+        "udp-sink": udp_sink,
+        "tcp-sink": tcp_sink,
+        "tcp-source": tcp_source,
+        "measure": measure,
+    }
+    name = args.pop("probe")
+    result = probes[name](**args)
+    print(json.dumps(result, indent=2 if name == "measure" else None), flush=True)
     return 0
 
 
