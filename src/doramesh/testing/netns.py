@@ -173,6 +173,7 @@ class Lan:
         self.hosts: dict[str, Host] = {}
         self._next = 1
         self._shared_rate_mbps: float | None = None
+        self._shared_queue_s = 0.1
 
     # -- building --------------------------------------------------------------------------
     def create(self) -> None:
@@ -251,18 +252,22 @@ class Lan:
         return gw_ip
 
     # -- the medium ------------------------------------------------------------------------
-    def shared_medium(self, rate_mbps: float, *, exempt: Sequence[str] = ()) -> None:
+    def shared_medium(
+        self, rate_mbps: float, *, exempt: Sequence[str] = (), queue_s: float = 0.1
+    ) -> None:
         """All LAN frames share one rate: every bridge port's ingress goes through one ifb+tbf.
 
         Frames a host sends enter the bridge at its port's ingress, so redirecting every port's
         ingress to one ifb device puts all of the LAN's traffic through one token bucket, as on
-        a Wi-Fi channel.
+        a Wi-Fi channel. Its queue holds ``queue_s`` seconds at the rate (a testbed dilated
+        ``k`` times keeps the real medium's queue in bytes with ``k`` times the seconds).
         """
         br = self.bridge_ns
         run(br, "ip link add ifb0 type ifb")
         run(br, "ip link set ifb0 up")
-        run(br, f"tc qdisc add dev ifb0 root {self._tbf(rate_mbps)}")
+        run(br, f"tc qdisc add dev ifb0 root {self._tbf(rate_mbps, queue_s)}")
         self._shared_rate_mbps = rate_mbps
+        self._shared_queue_s = queue_s
         for name, host in self.hosts.items():
             if name not in exempt:
                 self._redirect_to_medium(host.port)
@@ -270,7 +275,10 @@ class Lan:
     def set_shared_rate(self, rate_mbps: float) -> None:
         if self._shared_rate_mbps is None:
             raise RuntimeError("this LAN has no shared medium")
-        run(self.bridge_ns, f"tc qdisc change dev ifb0 root {self._tbf(rate_mbps)}")
+        run(
+            self.bridge_ns,
+            f"tc qdisc change dev ifb0 root {self._tbf(rate_mbps, self._shared_queue_s)}",
+        )
         self._shared_rate_mbps = rate_mbps
 
     def _redirect_to_medium(self, port: str) -> None:
@@ -283,13 +291,13 @@ class Lan:
         )
 
     @staticmethod
-    def _tbf(rate_mbps: float) -> str:
+    def _tbf(rate_mbps: float, queue_s: float = 0.1) -> str:
         # Burst: at least 2 full-size frames and about 2 ms at the rate (HZ-independent on
-        # hrtimer kernels); queue: 100 ms at the rate, so a burst of TCP does not tail-drop
-        # at once but a standing queue still shows as delay.
+        # hrtimer kernels); queue: 100 ms at the rate by default, so a burst of TCP does not
+        # tail-drop at once but a standing queue still shows as delay.
         rate_bps = rate_mbps * 1e6
         burst = max(int(rate_bps / 8 * 0.002), 2 * 1514 * 2)
-        limit = max(int(rate_bps / 8 * 0.1), 4 * burst)
+        limit = max(int(rate_bps / 8 * queue_s), 4 * burst)
         return f"tbf rate {rate_mbps}mbit burst {burst} limit {limit}"
 
     def link_rates(self, rates_mbps: dict[tuple[str, str], float]) -> None:

@@ -95,6 +95,8 @@ class Testbed:
     hosts: Sequence[HostSpec]
     #: Shared-medium rate (Mbit/s) for all LAN traffic; None: unshaped (or per-link rates).
     shared_mbps: float | None = None
+    #: Seconds of traffic the shared medium's queue holds at its rate.
+    shared_queue_s: float = 0.1
     #: Per-pair rates in Mbit/s, by node ids; shapes each direction at the sender.
     link_mbps: Mapping[tuple[str, str], float] = field(default_factory=dict)
     #: Bandwidth and latency the coordinator tells the planner (its DORAMESH_NETWORK_* vars).
@@ -186,7 +188,11 @@ class Testbed:
             self._start_forwarders(lan, DelaySpec(self.latency_ms, self.jitter_ms))
         lan.route_from_root("co")
         if self.shared_mbps is not None:
-            lan.shared_medium(self.shared_mbps, exempt=() if self.shape_coordinator else ("co",))
+            lan.shared_medium(
+                self.shared_mbps,
+                exempt=() if self.shape_coordinator else ("co",),
+                queue_s=self.shared_queue_s,
+            )
         if self.link_mbps:
             lan.link_rates(
                 {
