@@ -32,7 +32,7 @@ from doramesh.errors import (
     InvalidArgument,
 )
 from doramesh.servicing import unary_errors
-from doramesh.streams import MAX_TENSOR_BYTES, fan_out
+from doramesh.streams import FRAME_BYTES, MAX_TENSOR_BYTES, fan_out
 from doramesh.tensors import Frame, FrameAssembler, iter_frames, iter_wire_frames
 from doramesh.training import TrainPart, optimizer_from_pb, tagged_frames, train_fan_out
 from doramesh.types import DeviceProfile
@@ -213,6 +213,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     plan_epoch=header.plan_epoch,
                     request_id=header.request_id,
                     microbatch_id=header.microbatch_id,
+                    chunk_bytes=FRAME_BYTES,
                     compute_ms=compute_ms,
                 ):
                     await out.put(wire)
@@ -230,7 +231,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
         async def read() -> None:
             assembler = FrameAssembler(
-                MAX_TENSOR_BYTES, max_chunk_bytes=CHUNK_BYTES, max_pending=MAX_INFLIGHT_PER_STREAM
+                MAX_TENSOR_BYTES, max_chunk_bytes=FRAME_BYTES, max_pending=MAX_INFLIGHT_PER_STREAM
             )
             try:
                 async for frame in request_iterator:

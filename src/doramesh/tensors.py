@@ -6,16 +6,17 @@ allocates anything, and checks the bytes against the metadata before it builds a
 refusal is an ``InvalidArgument`` (malformed) or ``ResourceExhausted`` (too big, too many), which
 servicers turn into a gRPC status, so a bad peer costs one stream, never the process.
 
-Large activations travel as one header frame then ~1 MiB chunk frames (``iter_wire_frames``), and
-are put back together by ``FrameAssembler``. A chunk is the bulk of every byte on the wire, so it
-does not go through protobuf's objects: ``ChunkFrame`` holds a view of the tensor's memory,
-``encode_frame`` writes the ``ActivationFrame`` wire format around it with one copy, and
-``decode_frame`` hands the assembler a view of the received message, which it copies once into the
-buffer allocated when the header arrived. Through protobuf's objects the same chunk cost four
-copies on each side (slice to bytes, into the message, serialised; parsed, read out of the
-message), which left gRPC streaming at a fifth of a raw socket's rate. The wire format is
-unchanged: any protobuf peer reads and writes these frames, and ``decode_frame`` parses whatever
-is not a plainly encoded chunk with protobuf itself.
+Large activations travel as frames (``iter_wire_frames``): a header carrying the tensor's first
+bytes, then chunks with the rest, so a tensor of up to one frame is one message; they are put back
+together by ``FrameAssembler``. The tensor bytes are the bulk of every byte on the wire, so they
+do not go through protobuf's objects: ``HeaderFrame`` and ``ChunkFrame`` hold views of the
+tensor's memory, ``encode_frame`` writes the ``ActivationFrame`` wire format around them with one
+copy, and ``decode_frame`` hands the assembler a view of the received message, which it copies
+once into the buffer allocated when the header arrived. Through protobuf's objects the same bytes
+cost four copies on each side (slice to bytes, into the message, serialised; parsed, read out of
+the message), which left gRPC streaming at a fifth of a raw socket's rate. The wire format is
+protobuf's: any protobuf peer reads and writes these frames, and ``decode_frame`` parses whatever
+is not plainly encoded with protobuf itself.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def validate_meta(
     shape = tuple(int(d) for d in meta.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"shape {list(shape)} has a negative dimension")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     numel = 1
     # torch computes strides from the non-zero sizes, so a shape like (0, 2**62, 2**62) holds no
     # element yet still cannot be built; bounding this product keeps every later step in int64.
@@ -252,12 +253,37 @@ class ChunkFrame:
         return frame
 
 
-#: What travels on an activation stream: a protobuf frame (headers, and chunks from peers that
-#: build them with protobuf) or a chunk held as a view.
-Frame = agent_pb2.ActivationFrame | ChunkFrame
+@dataclass(frozen=True, slots=True)
+class HeaderFrame:
+    """An ``ActivationFrame`` of kind ``header`` whose tensor bytes (``data``, the tensor's first
+    bytes) are a view, not a copy; valid only while the viewed memory is, as ``ChunkFrame``."""
 
-# Wire tags (field number << 3 | wire type) of ActivationFrame.chunk and ActivationChunk's fields.
+    header: agent_pb2.ActivationHeader
+    data: memoryview | bytes = b""
+
+    def to_pb(self) -> agent_pb2.ActivationFrame:
+        """The same frame as a protobuf message (a copy of the bytes)."""
+        return agent_pb2.ActivationFrame(header=self.header, data=bytes(self.data))
+
+
+#: What travels on an activation stream: a protobuf frame (error answers, and frames from peers
+#: that build them with protobuf) or a header or chunk whose tensor bytes are a view.
+Frame = agent_pb2.ActivationFrame | HeaderFrame | ChunkFrame
+
+
+def frame_header(frame: Frame) -> agent_pb2.ActivationHeader | None:
+    """The header ``frame`` carries; None for a chunk."""
+    if isinstance(frame, HeaderFrame):
+        return frame.header
+    if isinstance(frame, ChunkFrame) or frame.WhichOneof("kind") != "header":
+        return None
+    return frame.header
+
+
+# Wire tags (field number << 3 | wire type) of ActivationFrame's fields and ActivationChunk's.
+_TAG_HEADER = 0x0A
 _TAG_CHUNK = 0x12
+_TAG_FRAME_DATA = 0x1A
 _TAG_MICROBATCH = 0x08
 _TAG_OFFSET = 0x10
 _TAG_DATA = 0x1A
@@ -287,8 +313,16 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int] | None:
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """The ``ActivationFrame`` wire bytes of ``frame``: a chunk's bytes are copied once, after
-    a few bytes of framing built by hand; a protobuf frame is serialised as usual."""
+    """The ``ActivationFrame`` wire bytes of ``frame``: a header or chunk's tensor bytes are
+    copied once, after a few bytes of framing built by hand (the header itself is serialised by
+    protobuf); a protobuf frame is serialised as usual. The fields are written in field order,
+    as protobuf does, so the output is what protobuf would write."""
+    if isinstance(frame, HeaderFrame):
+        header = frame.header.SerializeToString()
+        prefix = b"\x0a" + _varint(len(header)) + header
+        if not frame.data:
+            return prefix
+        return b"".join((prefix, b"\x1a", _varint(len(frame.data)), frame.data))
     if not isinstance(frame, ChunkFrame):
         return frame.SerializeToString()
     inner = bytearray()
@@ -332,9 +366,32 @@ def _decode_chunk(buf: bytes) -> ChunkFrame | None:
     return ChunkFrame(microbatch_id, offset, memoryview(buf)[got[1] :])
 
 
+def _decode_header(buf: bytes) -> HeaderFrame | None:
+    """``buf`` as a header frame if it is one encoded the plain way (the header, then its
+    tensor bytes if any); None for anything else. The header itself is parsed by protobuf, which
+    raises ``DecodeError`` if it is malformed."""
+    end = len(buf)
+    if end < 2 or buf[0] != _TAG_HEADER:
+        return None
+    got = _read_varint(buf, 1, end)
+    if got is None or got[0] > end - got[1]:
+        return None
+    start, header_end = got[1], got[1] + got[0]
+    data: memoryview | bytes = b""
+    if header_end < end:
+        if buf[header_end] != _TAG_FRAME_DATA:
+            return None
+        got = _read_varint(buf, header_end + 1, end)
+        if got is None or got[0] != end - got[1]:
+            return None
+        data = memoryview(buf)[got[1] :]
+    header = agent_pb2.ActivationHeader.FromString(buf[start:header_end])
+    return HeaderFrame(header, data)
+
+
 def decode_frame(buf: bytes) -> Frame:
-    """An activation frame from its wire bytes: a chunk as a view of ``buf``, anything else
-    parsed by protobuf; malformed bytes raise ``InvalidArgument``.
+    """An activation frame from its wire bytes: a header or chunk with its tensor bytes as a
+    view of ``buf``, anything else parsed by protobuf; malformed bytes raise ``InvalidArgument``.
 
     As ``Forward``'s deserializer its error reaches the servicer's request iterator, so it must
     be a ``DoraMeshError``: protobuf's ``DecodeError`` escaped the stream's error handling and
@@ -342,6 +399,12 @@ def decode_frame(buf: bytes) -> Frame:
     chunk = _decode_chunk(buf)
     if chunk is not None:
         return chunk
+    try:
+        header = _decode_header(buf)
+    except DecodeError as err:
+        raise InvalidArgument(f"malformed activation header ({len(buf)} bytes): {err}") from None
+    if header is not None:
+        return header
     try:
         return agent_pb2.ActivationFrame.FromString(buf)
     except DecodeError as err:
@@ -357,29 +420,29 @@ def iter_wire_frames(
     microbatch_id: int,
     chunk_bytes: int = CHUNK_BYTES,
     **header_extra: str | int | float,
-) -> Iterator[Frame]:
-    """One microbatch's frames: a header, then chunks covering the bytes in order.
+) -> Iterator[HeaderFrame | ChunkFrame]:
+    """One microbatch's frames: a header with the first ``chunk_bytes`` of the tensor, then
+    chunks covering the rest in order, ``chunk_bytes`` each.
 
-    Chunks are views of the tensor's memory (nothing is copied until ``encode_frame``), so ``t``
-    must not be modified until the iterator is exhausted and its frames are sent.
+    Tensor bytes are views of the tensor's memory (nothing is copied until ``encode_frame``), so
+    ``t`` must not be modified until the iterator is exhausted and its frames are sent.
     ``header_extra`` sets further header fields (``compute_ms``, ``error``, ``error_code``). A
-    zero-byte tensor is a header alone.
+    tensor of at most ``chunk_bytes`` is a header alone.
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, not {chunk_bytes}")
     meta = meta_of(t)
     view = _byte_view(t)
-    yield agent_pb2.ActivationFrame(
-        header=agent_pb2.ActivationHeader(
-            stage_id=stage_id,
-            plan_epoch=plan_epoch,
-            request_id=request_id,
-            microbatch_id=microbatch_id,
-            meta=meta,
-            **header_extra,  # type: ignore[arg-type]
-        )
+    header = agent_pb2.ActivationHeader(
+        stage_id=stage_id,
+        plan_epoch=plan_epoch,
+        request_id=request_id,
+        microbatch_id=microbatch_id,
+        meta=meta,
+        **header_extra,  # type: ignore[arg-type]
     )
-    for offset in range(0, len(view), chunk_bytes):
+    yield HeaderFrame(header, view[:chunk_bytes])
+    for offset in range(chunk_bytes, len(view), chunk_bytes):
         yield ChunkFrame(microbatch_id, offset, view[offset : offset + chunk_bytes])
 
 
@@ -404,7 +467,7 @@ def iter_frames(
         chunk_bytes=chunk_bytes,
         **header_extra,
     ):
-        yield frame.to_pb() if isinstance(frame, ChunkFrame) else frame
+        yield frame.to_pb()
 
 
 @dataclass(slots=True)
@@ -456,16 +519,20 @@ class FrameAssembler:
         """Takes one frame; returns the header and tensor once a microbatch is complete."""
         if isinstance(frame, ChunkFrame):
             return self._on_chunk(frame.microbatch_id, frame.offset, frame.data)
+        if isinstance(frame, HeaderFrame):
+            return self._on_header(frame.header, frame.data)
         kind = frame.WhichOneof("kind")
         if kind == "header":
-            return self._on_header(frame.header)
+            return self._on_header(frame.header, frame.data)
+        if frame.data:
+            raise InvalidArgument("activation frame carries tensor bytes without a header")
         if kind == "chunk":
             chunk = frame.chunk
             return self._on_chunk(chunk.microbatch_id, chunk.offset, chunk.data)
         raise InvalidArgument("activation frame carries neither a header nor a chunk")
 
     def _on_header(
-        self, header: agent_pb2.ActivationHeader
+        self, header: agent_pb2.ActivationHeader, data: memoryview | bytes
     ) -> tuple[agent_pb2.ActivationHeader, torch.Tensor] | None:
         mb = header.microbatch_id
         if mb in self._pending:
@@ -479,6 +546,8 @@ class FrameAssembler:
             raise InvalidArgument(f"header for microbatch {mb} has no tensor meta")
         dtype, shape = validate_meta(header.meta, max_bytes=self.max_tensor_bytes)
         if header.meta.byte_length == 0:
+            if data:
+                raise InvalidArgument(f"header for microbatch {mb} of no bytes carries bytes")
             return header, torch.empty(shape, dtype=dtype)
         if len(self._pending) >= self.max_pending:
             raise ResourceExhausted(
@@ -486,7 +555,10 @@ class FrameAssembler:
             )
         raw, view = _allocate(header.meta.byte_length)
         self._pending[mb] = _Pending(header=header, dtype=dtype, shape=shape, raw=raw, view=view)
-        return None
+        if not data:
+            return None
+        # The header's bytes are the tensor's first chunk, held to the same checks.
+        return self._on_chunk(mb, 0, data)
 
     def _on_chunk(
         self, mb: int, offset: int, data: memoryview | bytes

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from doramesh import models
-from doramesh.channels import CHUNK_BYTES, create_channel
+from doramesh.channels import create_channel
 from doramesh.sdk import AsyncClient
 from doramesh.security.credentials import Credentials
+from doramesh.streams import FRAME_BYTES
 from doramesh.tensors import tensor_to_pb
 from doramesh.testing import LocalFleet
 from doramesh.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -99,7 +100,7 @@ async def test_wrong_shape_for_the_model(fleet: LocalFleet) -> None:
 async def test_oversized_chunk_on_an_activation_stream(fleet: LocalFleet) -> None:
     client = await _deployed(fleet)
     agent = fleet.agents[0]
-    size = CHUNK_BYTES * 2
+    size = FRAME_BYTES * 2  # past the activation stream's frame limit
     frames = [
         agent_pb2.ActivationFrame(
             header=agent_pb2.ActivationHeader(

@@ -18,7 +18,7 @@ from rich.console import Console
 from doramesh import channels
 from doramesh.bench import transport
 from doramesh.bench.transport import main, render_table, run_transport_bench
-from doramesh.streams import add_agent_servicer
+from doramesh.streams import FRAME_BYTES, add_agent_servicer
 from doramesh.tensors import iter_frames
 from doramesh.v1 import agent_pb2, agent_pb2_grpc
 
@@ -48,7 +48,7 @@ async def test_bench_structure_and_positive_figures() -> None:
     assert hop["iterations"] == 20 and hop["bytes"] == 4 * KIB
     assert 0 < hop["p50"] <= hop["p95"]
     assert 0 < hop["raw_tcp_p50"] <= hop["raw_tcp_p95"]
-    assert result["chunk_bytes"] == channels.CHUNK_BYTES
+    assert result["chunk_bytes"] == FRAME_BYTES
     assert isinstance(result["allocator_tuned"], bool)
     json.dumps(result)  # the --json output
 
@@ -62,13 +62,15 @@ def test_floor_messages_match_the_wire_frames() -> None:
     # The bare-gRPC floor sends as many bytes, in as many messages, as the activation stream.
     tensor = torch.zeros(300_000)
     messages = transport._floor_messages(tensor, 256 * KIB)
-    assert len(messages) == 1 + 5  # a header, then 1_200_000 bytes in 256 KiB chunks
-    assert sum(len(m) for m in messages[1:]) > tensor.numel() * 4
-    assert [m[0] for m in messages] == [0, 0, 0, 0, 0, 1]
+    # 1_200_000 bytes in 256 KiB pieces: a header with the first, then four chunks.
+    assert len(messages) == 5
+    assert sum(len(m) for m in messages) > tensor.numel() * 4
+    assert [m[0] for m in messages] == [0, 0, 0, 0, 1]
 
 
 async def test_chunking_below_tensor_size_is_measured() -> None:
-    # 256 KiB chunks make each 1 MiB tensor four frames plus a header, as on a constrained link.
+    # 256 KiB frames make each 1 MiB tensor four frames (a header, three chunks), as on a paced
+    # link.
     result = await run_transport_bench(
         (MIB,), seconds_per_size=0.2, chunk_bytes=256 * KIB, rounds=1, latency_iterations=5
     )

@@ -19,6 +19,7 @@ from doramesh.tensors import (
     ChunkFrame,
     Frame,
     FrameAssembler,
+    HeaderFrame,
     decode_frame,
     dtype_name,
     encode_frame,
@@ -196,11 +197,13 @@ def test_header_extra_fields_are_set() -> None:
 def test_chunk_boundaries(nbytes: int, chunk_bytes: int, sizes: list[int]) -> None:
     t = torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)
     frames = frames_of(t, mb=9, chunk_bytes=chunk_bytes)
+    # The header carries the first piece, the chunks the rest.
     assert frames[0].WhichOneof("kind") == "header"
+    assert len(frames[0].data) == (sizes[0] if sizes else 0)
     chunks = [f.chunk for f in frames[1:]]
-    assert all(f.WhichOneof("kind") == "chunk" for f in frames[1:])
-    assert [len(c.data) for c in chunks] == sizes
-    assert [c.offset for c in chunks] == [i * chunk_bytes for i in range(len(sizes))]
+    assert all(f.WhichOneof("kind") == "chunk" and not f.data for f in frames[1:])
+    assert [len(c.data) for c in chunks] == sizes[1:]
+    assert [c.offset for c in chunks] == [i * chunk_bytes for i in range(1, len(sizes))]
     assert all(c.microbatch_id == 9 for c in chunks)
     asm = FrameAssembler(max_tensor_bytes=2 * MIB, max_chunk_bytes=chunk_bytes)
     results = [asm.feed(f) for f in frames]
@@ -212,7 +215,8 @@ def test_chunk_boundaries(nbytes: int, chunk_bytes: int, sizes: list[int]) -> No
 
 def test_default_chunks_are_one_mib() -> None:
     frames = frames_of(torch.zeros(3 * MIB // 4 + 1, dtype=torch.float32))
-    assert [len(f.chunk.data) for f in frames[1:]] == [MIB, MIB, MIB, 4]
+    assert len(frames[0].data) == MIB
+    assert [len(f.chunk.data) for f in frames[1:]] == [MIB, MIB, 4]
 
 
 def test_interleaved_microbatches_assemble_independently() -> None:
@@ -511,9 +515,7 @@ def test_decoded_chunk_views_the_message_without_copying() -> None:
     assert back.data.obj is wire
 
 
-def test_headers_and_unusual_chunk_encodings_go_through_protobuf() -> None:
-    hdr = header(1, "float32", [2], 8)
-    assert decode_frame(hdr.SerializeToString()) == hdr
+def test_unusual_chunk_encodings_go_through_protobuf() -> None:
     # Fields out of order, repeated, or followed by an unknown field are valid protobuf; the
     # codec leaves them to protobuf, which reads them as any peer would.
     inner_swapped = b"\x10\x04\x08\x02\x1a\x02hi"
@@ -534,7 +536,7 @@ def test_garbage_bytes_decode_to_a_frame_or_invalid_argument(wire: bytes) -> Non
         frame = decode_frame(wire)
     except InvalidArgument:
         return
-    if isinstance(frame, ChunkFrame):
+    if isinstance(frame, ChunkFrame | HeaderFrame):
         assert agent_pb2.ActivationFrame.FromString(wire) == frame.to_pb()
     asm = FrameAssembler(max_tensor_bytes=4096, max_chunk_bytes=64, max_pending=3)
     try:
@@ -550,7 +552,7 @@ def test_wire_frames_round_trip_through_the_codec() -> None:
             t, stage_id="s", plan_epoch=1, request_id="r", microbatch_id=7, chunk_bytes=16
         )
     )
-    assert isinstance(frames[0], agent_pb2.ActivationFrame)
+    assert isinstance(frames[0], HeaderFrame) and len(frames[0].data) == 16
     assert all(isinstance(f, ChunkFrame) for f in frames[1:])
     assert [encode_frame(f) for f in frames] == [
         f.SerializeToString()
@@ -560,3 +562,83 @@ def test_wire_frames_round_trip_through_the_codec() -> None:
     ]
     ((hdr, back),) = assemble(decode_frame(encode_frame(f)) for f in frames)
     assert hdr.microbatch_id == 7 and torch.equal(back, t)
+
+
+# --- header frames carrying the tensor's first bytes -----------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mb=_UINT64,
+    stage=st.text(max_size=20),
+    error=st.text(max_size=20),
+    compute_ms=st.floats(allow_nan=False),
+    data=st.binary(max_size=300),
+)
+def test_encoded_header_is_protobufs_own_encoding(
+    mb: int, stage: str, error: str, compute_ms: float, data: bytes
+) -> None:
+    hdr = agent_pb2.ActivationHeader(
+        stage_id=stage,
+        microbatch_id=mb,
+        error=error,
+        compute_ms=compute_ms,
+        meta=common_pb2.TensorMeta(dtype="uint8", shape=[len(data)], byte_length=len(data)),
+    )
+    as_pb = agent_pb2.ActivationFrame(header=hdr, data=data)
+    wire = encode_frame(HeaderFrame(hdr, memoryview(data)))
+    assert wire == as_pb.SerializeToString()
+    back = decode_frame(wire)
+    assert isinstance(back, HeaderFrame)
+    assert back.header == hdr and bytes(back.data) == data
+
+
+def test_decoded_header_views_its_bytes_without_copying() -> None:
+    hdr = header(3, "uint8", [8], 8).header
+    wire = encode_frame(HeaderFrame(hdr, memoryview(b"abcdefgh")))
+    back = decode_frame(wire)
+    assert isinstance(back, HeaderFrame) and isinstance(back.data, memoryview)
+    assert back.data.obj is wire
+    ((got, t),) = assemble([back])
+    assert got.microbatch_id == 3 and bytes(t.numpy()) == b"abcdefgh"
+
+
+def test_unusual_header_encodings_go_through_protobuf() -> None:
+    hdr = header(1, "uint8", [2], 2)
+    inner = hdr.header.SerializeToString()
+    # Data before the header, and a frame that is both (oneof: the last one wins): valid
+    # protobuf the fast path does not take, read as any peer reads it.
+    data_first = b"\x1a\x02hi\x0a" + bytes([len(inner)]) + inner
+    then_chunk = b"\x0a" + bytes([len(inner)]) + inner + b"\x12\x04\x08\x01\x1a\x00"
+    for wire in (data_first, then_chunk):
+        back = decode_frame(wire)
+        assert isinstance(back, agent_pb2.ActivationFrame)
+        assert back == agent_pb2.ActivationFrame.FromString(wire)
+    ((_, t),) = assemble([decode_frame(data_first)])
+    assert bytes(t.numpy()) == b"hi"
+
+
+def test_malformed_header_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match="malformed"):
+        decode_frame(b"\x0a\x02\xff\xff\x1a\x01x")
+
+
+def test_header_bytes_are_held_to_the_chunk_checks() -> None:
+    def frame(byte_length: int, data: bytes) -> HeaderFrame:
+        return HeaderFrame(header(4, "uint8", [byte_length], byte_length).header, data)
+
+    asm = FrameAssembler(max_tensor_bytes=64, max_chunk_bytes=8)
+    with pytest.raises(ResourceExhausted, match="exceeds"):
+        asm.feed(frame(16, bytes(9)))
+    assert len(asm) == 0  # refused, and its buffer dropped
+    with pytest.raises(InvalidArgument, match="past the tensor"):
+        asm.feed(frame(4, bytes(5)))
+    assert len(asm) == 0
+    with pytest.raises(InvalidArgument, match="no bytes"):
+        asm.feed(frame(0, b"x"))
+    with pytest.raises(InvalidArgument, match="without a header"):
+        asm.feed(agent_pb2.ActivationFrame(chunk=chunk(4, 0, b"x").chunk, data=b"y"))
+    # The header's bytes come first: the next chunk continues after them.
+    assert asm.feed(frame(12, bytes(8))) is None
+    with pytest.raises(InvalidArgument, match="expected offset 8"):
+        asm.feed(ChunkFrame(4, 0, b"abcd"))

@@ -51,9 +51,8 @@ from rich.console import Console
 from rich.table import Table
 
 from doramesh import channels
-from doramesh.channels import CHUNK_BYTES
 from doramesh.servicing import stream_errors
-from doramesh.streams import PeerLink, add_agent_servicer
+from doramesh.streams import FRAME_BYTES, PeerLink, add_agent_servicer
 from doramesh.tensors import (
     Frame,
     FrameAssembler,
@@ -514,7 +513,7 @@ async def run_transport_bench(
     sizes: Sequence[int] = DEFAULT_SIZES,
     *,
     seconds_per_size: float = 1.0,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = FRAME_BYTES,
     window: int = DEFAULT_WINDOW,
     rounds: int = 3,
     latency_iterations: int = LATENCY_ITERATIONS,

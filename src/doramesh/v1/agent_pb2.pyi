@@ -212,12 +212,14 @@ class SaveCheckpointResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ActivationFrame(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: ActivationHeader
     chunk: ActivationChunk
-    def __init__(self, header: _Optional[_Union[ActivationHeader, _Mapping]] = ..., chunk: _Optional[_Union[ActivationChunk, _Mapping]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ActivationHeader, _Mapping]] = ..., chunk: _Optional[_Union[ActivationChunk, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ActivationChunk(_message.Message):
     __slots__ = ("microbatch_id", "offset", "data")
