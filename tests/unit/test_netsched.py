@@ -249,3 +249,24 @@ def test_jobs_of_different_models_are_scheduled_together() -> None:
         [bulk], devices, bulk_table, network, bulk_load, QoESpec(objective="max_throughput")
     )
     assert alone[0].flows[0].rate_mbps > paced_bulk.flows[0].rate_mbps
+
+
+def test_a_critical_plan_keeps_a_margin_of_its_wire_budget_when_there_is_room() -> None:
+    devices = [device(n) for n in ("cam", "hub", "nas", "pc")]
+    network = Network("shared", 100, 0)
+    camera_table, bulk_table = table(act_mb=1.0), table(act_mb=4.0)
+    camera_load = Workload("inference", 1, rate_rps=2.0)
+    bulk_load = Workload("inference", 1, rate_rps=0.0)
+    camera = pipeline(("cam", "hub"), devices, camera_table, network, camera_load)
+    bulk = pipeline(("nas", "pc"), devices, bulk_table, network, bulk_load)
+    jobs = [
+        netsched.Job((camera,), camera_table, camera_load, QoESpec(latency_ms=300.0)),
+        netsched.Job((bulk,), bulk_table, bulk_load, QoESpec(objective="max_throughput")),
+    ]
+    (paced_camera,), (paced_bulk,) = netsched.schedule_jobs(jobs, devices, network)
+    # 100 ms of compute; the wire budget is 200 ms less one 64 KB bulk chunk ahead (5.12 ms).
+    budget = 0.2 - netsched.CHUNK_BYTES * 8 / 100e6
+    need = 8.0 / (budget * (1 - netsched.SLO_MARGIN))
+    assert math.isclose(paced_bulk.flows[0].rate_mbps, 100 - need, rel_tol=1e-6)
+    # The camera is priced that margin under its SLO.
+    assert paced_camera.predicted.latency_ms < 300.0 - 0.2 * budget * 1e3
