@@ -276,21 +276,21 @@ class _Search:
     milp_gap: float | None = None
     dp_exact: bool | None = None
     notes: list[str] = field(default_factory=list)
-    dp_seconds: list[tuple[float, bool]] = field(default_factory=list)
-    """Every DP search so far: (seconds, whether it ran past its own budget)."""
+    dp_seconds: list[tuple[float, float]] = field(default_factory=list)
+    """Every DP search so far: (seconds, how far it ran past its own budget)."""
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
     def affords_search(self) -> bool:
         """Whether one more search fits before the deadline. A DP search runs at least one
-        full pass (a few for some objectives) whatever its budget, so it is not started with
-        less time left than ``SEARCH_SAFETY`` times the longest such minimal search measured so
-        far (a search that ran past its budget was minimal; before any did, the shortest one)."""
+        full pass (a few for some objectives) whatever its budget, so it may end past it; one
+        is not started with less time left than ``SEARCH_SAFETY`` times the furthest a search
+        ran past its budget so far (before any did, the shortest search)."""
         if not self.dp_seconds:
             return self.left() > 0
-        minimal = [s for s, over in self.dp_seconds if over]
-        floor = max(minimal) if minimal else min(s for s, _ in self.dp_seconds)
+        overrun = max(over for _, over in self.dp_seconds)
+        floor = overrun if overrun > 0 else min(s for s, _ in self.dp_seconds)
         return self.left() > SEARCH_SAFETY * floor
 
     def best(
@@ -520,7 +520,7 @@ class _Search:
         # The DP's own budget for its exact fallback is capped by ours.
         stages, _, exact = dp._solve(pb, objective, dp_bounds, "auto", until)
         ended = time.perf_counter()
-        self.dp_seconds.append((ended - started, ended > until))
+        self.dp_seconds.append((ended - started, max(0.0, ended - until)))
         if stages is None:
             return None, exact
         return self.co.expand(dp._stage_plans(pb, stages)), exact

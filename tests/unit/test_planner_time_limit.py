@@ -150,3 +150,19 @@ def test_the_compile_estimate_follows_the_worst_recent_compile() -> None:
     for _ in range(milp.COMPILE_SAMPLES):
         clock.observe(1.0, 0.01)
     assert clock.estimate(1.0) == pytest.approx(milp.COMPILE_SAFETY * 0.01)
+
+
+def test_the_bench_reports_limits_statuses_and_load() -> None:
+    size = planning_time.Size(4, 12, 0.5, 1.0)
+    result = planning_time.run_planning_time_bench(
+        sizes=(size,),
+        seeds=(0,),
+        workloads=(Workload("inference", 2),),
+        objectives=("min_latency",),
+    )
+    (summary,) = result["sizes"]
+    (run,) = result["runs"]
+    assert run["exceeded"] == (run["seconds"] > size.time_limit_s)
+    assert summary["limit_exceeded"] == int(run["exceeded"])
+    assert sum(summary["milp_statuses"].values()) == 1
+    assert set(result["host"]["load_average_1min"]) == {"start", "end"}

@@ -8,16 +8,21 @@ objective for one workload under the size's configured time limit. Seeds alterna
 shared medium (Wi-Fi) and per-pair links (wired boxes at 940 Mbit/s, Wi-Fi ones at 120).
 
 The solver stack is imported before timing (``api.warm_up``, reported separately): a planner
-daemon pays that once at start, not per plan. Every figure comes from running this module.
+daemon pays that once at start, not per plan. A run counts as over the limit when its wall time
+(the call, measured here) is past the bare limit: no slack. The box's load average is reported
+with the figures, since on a shared box it moves them. Every figure comes from running this
+module.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +136,7 @@ def run_planning_time_bench(
     # Wide enough for the table when the output is a file or a pipe (rich assumes 80 columns).
     console = console or Console(width=max(Console().width, 120))
     import_s = api.warm_up()
+    load_before = os.getloadavg()[0]
     records: list[dict[str, Any]] = []
     for size in sizes:
         for seed in seeds:
@@ -142,13 +148,19 @@ def run_planning_time_bench(
                 for objective in objectives:
                     records.append(_run_one(size, seed, fleet, model, network, workload, objective))
     summary = _summarise(records, sizes)
+    load = (load_before, os.getloadavg()[0])
     result = {
-        "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "host": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_1min": {"start": load[0], "end": load[1]},
+        },
         "solver_import_s": import_s,
         "sizes": summary,
         "runs": records,
     }
-    _print(console, summary, import_s)
+    _print(console, summary, import_s, load)
     if json_out:
         with open(json_out, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -229,12 +241,18 @@ def _summarise(records: Sequence[dict[str, Any]], sizes: Sequence[Size]) -> list
                 "improved_by_milp": sum(
                     1 for r in runs if str(r.get("method", "")).startswith("milp")
                 ),
+                "milp_statuses": dict(Counter(str(r.get("milp_status")) for r in runs)),
             }
         )
     return out
 
 
-def _print(console: Console, summary: Sequence[dict[str, Any]], import_s: float) -> None:
+def _print(
+    console: Console,
+    summary: Sequence[dict[str, Any]],
+    import_s: float,
+    load: tuple[float, float],
+) -> None:
     table = Table(title="doramesh planning time")
     for column in (
         "devices x layers",
@@ -270,7 +288,19 @@ def _print(console: Console, summary: Sequence[dict[str, Any]], import_s: float)
         "MILP optimal: runs whose first plan's program HiGHS proved optimal; MILP gap: median "
         "relative gap where HiGHS reported one; MILP best: runs whose first plan the program found."
     )
+    for s in summary:
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(s["milp_statuses"].items()))
+        console.print(f"{s['size']}: partitioner status per run: {statuses}")
+    console.print(
+        "(None: not started, nothing to add over the DP or too little time left; no-time: its "
+        "estimated compile and a minimal solve did not fit; abandoned: its compile overran "
+        "and was left behind; k*: HiGHS' status)"
+    )
     console.print(f"solver stack import (once per process, not timed above): {import_s:.2f} s")
+    console.print(
+        f"load average (1 min) at start and end: {load[0]:.1f}, {load[1]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
 
 
 def main(json_out: str | None = None) -> None:
