@@ -32,7 +32,7 @@ The time limit holds in every phase: the searches get shares of the time to a de
 ``SOLVER_SHARE`` of the limit (the rest is for building the plans, the network scheduler and
 the interpreter's jitter). A DP search runs at least one full pass whatever its budget, so an
 optional one (another plan for the set, another power-mode fleet, another objective) starts
-only when the time left covers the longest minimal search measured so far in the call
+only when the time left covers the furthest a search of the same call ran past its budget
 (``_Search.affords_search``). The partitioner keeps its own limit, CVXPY's compile included
 (``milp.py``: an estimated compile that does not fit is not started, one that overruns is
 abandoned). Whatever stopped early is in the report: ``milp_status`` says why the program did

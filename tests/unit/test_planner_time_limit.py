@@ -30,9 +30,12 @@ from doramesh.types import (
 
 OBJECTIVES: tuple[Objective, ...] = ("min_latency", "max_throughput", "min_energy")
 TIGHT_LIMIT_S = 0.25
-#: Statuses the partitioner reports (HiGHS' own, or why it did not run).
-RAN = ("kOptimal", "kTimeLimit", "kSolutionLimit", "kInterrupt", "kInfeasible")
+#: Why the partitioner did not run (otherwise its status is HiGHS' own, ``k...``).
 SKIPPED = ("no-time", "not-run", "abandoned", "busy", "no-columns")
+
+
+def ran(status: str | None) -> bool:
+    return status is not None and status.startswith("k")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +80,7 @@ def test_a_tight_limit_returns_a_valid_plan_in_time(objective: Objective, seed: 
         )
         assert priced is not None, "the plan must fit in memory and meet its bounds"
         # The gap: HiGHS' own when the program ran, None (with the reason) when it did not.
-        if report.milp_status in RAN:
+        if ran(report.milp_status):
             assert report.milp_gap is None or 0.0 <= report.milp_gap <= 1.0
         else:
             assert report.milp_status is None or report.milp_status in SKIPPED
@@ -113,7 +116,7 @@ def test_the_partitioner_returns_by_its_limit_and_keeps_its_warm_start() -> None
         )
         assert time.perf_counter() - start <= limit + TIME_SLACK_S
         assert got.plan is not None, got.status
-        assert got.status in RAN or got.status in SKIPPED
+        assert ran(got.status) or got.status in SKIPPED
         if got.status in SKIPPED:
             assert got.gap is None and got.plan.stages == warm
 
@@ -131,14 +134,14 @@ def test_abandoned_compiles_never_pile_up() -> None:
         )
         statuses.append(got.status)
         assert _milp_threads() <= 1
-    assert set(statuses) <= set(RAN) | set(SKIPPED), statuses
+    assert all(ran(s) or s in SKIPPED for s in statuses), statuses
     # An abandoned compile finishes on its own.
     wait_for(lambda: _milp_threads() == 0, timeout=30, interval=0.01)
     # And the slot is free again: a call with time to spare runs the program.
     got = milp.solve(
         fleet, model, network, workload, QoESpec("min_energy"), coarsening=co, time_limit_s=20
     )
-    assert got.status in RAN, got.status
+    assert ran(got.status), got.status
 
 
 def test_the_compile_estimate_follows_the_worst_recent_compile() -> None:
