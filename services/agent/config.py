@@ -42,3 +42,9 @@ class AgentSettings:
     #: Microbatches this agent works on at once, over all its Forward streams; one more is
     #: answered RESOURCE_EXHAUSTED at once rather than queued.
     max_inflight_microbatches: int = DEFAULT_MAX_INFLIGHT_MICROBATCHES
+    #: Catalogue class whose power modes this (real, not emulated) device has; None: no modes.
+    #: An emulating agent has its emulated class's modes, applied by pacing.
+    power_modes_class: str | None = None
+    #: Command that switches a real device's mode, run as ``ARGV + [MODE NAME]`` (no shell);
+    #: empty: cpufreq caps where writable, else no modes.
+    power_mode_command: tuple[str, ...] = ()

@@ -19,17 +19,17 @@ to ``profiler.build_profile``), and ``apply`` raises ``FailedPrecondition`` rath
 
 The top mode ("" in a plan, or its name) restores full speed.
 
-Not wired yet: a plan's mode reaches an agent only once ``LoadStageRequest`` carries it (the
-agent servicer then calls ``apply`` before loading the stage and fails the load if it raises).
-Until then the agent server builds no switch and its profile advertises no modes, so the
-planner never counts on a mode on a live fleet; scenario fleets (catalogue classes) have them.
+A plan's mode reaches the agent in ``LoadStageRequest.power_mode``. The servicer switches before
+loading the stage and fails the load with ``FAILED_PRECONDITION`` if the switch refuses. A device
+serving stages of several plans runs the fastest mode any of them asks for (``fastest``), so no
+plan runs slower than it was priced; it goes back down when those stages are unloaded.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -74,6 +74,22 @@ class PowerModeSwitch:
         self._applier(target)
         self.current = "" if target is self.modes[0] else target.name
         _log.info("power mode applied", mode=target.name, speed_factor=target.speed_factor)
+
+    def fastest(self, names: Iterable[str]) -> str:
+        """The fastest of ``names`` ("" = the top mode): what a device serving stages of several
+        plans must run in so that none of them misses its prediction. An empty set is the top
+        mode; a name this agent does not have raises ``FailedPrecondition``."""
+        speeds = {m.name: m.speed_factor for m in self.modes}
+        wanted = set(names)
+        for name in sorted(wanted - {""}):
+            if name not in speeds:
+                raise FailedPrecondition(
+                    f"no power mode {name!r} on this agent; it has: {', '.join(speeds) or 'none'}"
+                )
+        if not wanted or "" in wanted:
+            return ""
+        best = max(wanted, key=lambda name: speeds[name])
+        return "" if best == self.modes[0].name else best
 
 
 def no_switch() -> PowerModeSwitch:

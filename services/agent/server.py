@@ -7,14 +7,17 @@ whose node id must be the one it announces (the coordinator admits it only if th
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import structlog
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from doramesh.agent.catalogue import get_class
 from doramesh.agent.config import AgentSettings
 from doramesh.agent.pacing import ComputePacer
+from doramesh.agent.power import command_switch, cpufreq_switch, no_switch, paced_switch
 from doramesh.agent.profiler import build_profile
 from doramesh.agent.runtime import StageRuntime, WeightCache
 from doramesh.agent.servicer import AgentServicer
@@ -24,11 +27,18 @@ from doramesh.errors import FailedPrecondition
 from doramesh.security.credentials import Credentials
 from doramesh.streams import add_agent_servicer
 from doramesh.tensors import tune_allocator_for_streaming
-from doramesh.types import DeviceProfile
+from doramesh.types import DeviceProfile, PowerMode
 
 _log = structlog.get_logger("agent")
 
 AGENT_SERVICE = "doramesh.v1.Agent"
+
+
+def _power_modes(s: AgentSettings) -> tuple[PowerMode, ...]:
+    """The power modes this device has, top mode first: the emulated class's, or the class an
+    operator named for a real device (``--power-modes``); none otherwise."""
+    name = s.emulate or s.power_modes_class
+    return tuple(get_class(name).power_modes) if name else ()
 
 
 class AgentServer:
@@ -79,6 +89,7 @@ class AgentServer:
         elif host in {"0.0.0.0", "[::]", ""}:
             host = lan_address(s.mdns_interfaces)
         self.address = f"{host}:{port}"
+        modes = _power_modes(s)
         profile = await asyncio.to_thread(
             build_profile,
             s.node_id,
@@ -89,17 +100,32 @@ class AgentServer:
             measure_s=s.measure_s,
             threads=s.threads or None,
             device=s.device,
+            power_modes=modes,
         )
         self.profile = profile
+        pacer = ComputePacer(profile.gflops if s.emulate else None)
         self.runtime = StageRuntime(
             memory_bytes=profile.memory_bytes,
             cache=WeightCache(s.cache_dir, max_bytes=s.weight_cache_mb << 20),
-            pacer=ComputePacer(profile.gflops if s.emulate else None),
+            pacer=pacer,
             device=s.device,
         )
+        if s.emulate:
+            power = paced_switch(modes, pacer) if modes else no_switch()
+        elif s.power_mode_command:
+            power = command_switch(s.power_mode_command, modes)
+        else:
+            power = cpufreq_switch(modes)
+        if [m.name for m in power.modes] != [m.name for m in modes]:
+            # The switch cannot apply them (cpufreq caps not writable): advertise none.
+            profile = replace(profile, power_modes=tuple(power.modes))
+            self.profile = profile
         add_agent_servicer(
             AgentServicer(
-                profile, self.runtime, max_inflight_microbatches=s.max_inflight_microbatches
+                profile,
+                self.runtime,
+                max_inflight_microbatches=s.max_inflight_microbatches,
+                power=power,
             ),
             self._server,
         )

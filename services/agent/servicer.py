@@ -20,6 +20,7 @@ import torch
 
 from doramesh import models
 from doramesh.admission import InflightLimit
+from doramesh.agent.power import PowerModeSwitch, no_switch
 from doramesh.agent.runtime import LoadedStage, NextHopSpec, StageRuntime, StageSpec
 from doramesh.agent.training import ReplicaPeerSpec, TrainSettings, check_tag
 from doramesh.channels import CHUNK_BYTES
@@ -132,10 +133,19 @@ def _error_frame(
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     def __init__(
-        self, profile: DeviceProfile, runtime: StageRuntime, *, max_inflight_microbatches: int
+        self,
+        profile: DeviceProfile,
+        runtime: StageRuntime,
+        *,
+        max_inflight_microbatches: int,
+        power: PowerModeSwitch | None = None,
     ) -> None:
         self.profile = profile
         self.runtime = runtime
+        #: The power modes this agent can switch to (its profile advertises exactly these).
+        self.power = power if power is not None else no_switch()
+        #: The mode each loaded stage's plan asked for; the device runs the fastest of them.
+        self._stage_modes: dict[str, str] = {}
         #: Microbatches at work over all Forward streams (each stream's own bound,
         #: ``MAX_INFLIGHT_PER_STREAM``, only slows its sender): the excess is answered at once.
         self.admission = InflightLimit(max_inflight_microbatches, "microbatches")
@@ -151,7 +161,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.LoadStageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.LoadStageResponse:
         spec = _spec_from_request(request)
-        stage, cache_hit, seconds = await self.runtime.load(spec)
+        live = {k: v for k, v in self._stage_modes.items() if k in self.runtime.stages}
+        # Switch first: a stage priced at a mode must not run at another one. Refused: nothing
+        # is loaded and the coordinator sees FAILED_PRECONDITION.
+        self.power.apply(self.power.fastest([*live.values(), request.power_mode]))
+        try:
+            stage, cache_hit, seconds = await self.runtime.load(spec)
+        except BaseException:
+            self.power.apply(self.power.fastest(live.values()))
+            raise
+        self._stage_modes = {**live, spec.stage_id: request.power_mode}
         return agent_pb2.LoadStageResponse(
             stage_id=spec.stage_id,
             param_bytes=stage.param_bytes,
@@ -164,7 +183,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     async def UnloadStage(
         self, request: agent_pb2.UnloadStageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.UnloadStageResponse:
-        return agent_pb2.UnloadStageResponse(unloaded=await self.runtime.unload(request.stage_id))
+        unloaded = await self.runtime.unload(request.stage_id)
+        self._stage_modes = {k: v for k, v in self._stage_modes.items() if k in self.runtime.stages}
+        self.power.apply(self.power.fastest(self._stage_modes.values()))
+        return agent_pb2.UnloadStageResponse(unloaded=unloaded)
 
     async def Forward(
         self,

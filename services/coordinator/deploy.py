@@ -504,6 +504,7 @@ class Deployer:
         group = [
             agent_pb2.ReplicaPeer(address=r.address, stage_id=r.stage_id) for r in dep.replicas[i]
         ]
+        modes = {d.id: d.mode for d in stage.devices}
         for rank, replica in enumerate(dep.replicas[i]):
             hops = [
                 agent_pb2.NextHop(
@@ -529,6 +530,7 @@ class Deployer:
                 weights_digest=digest,
                 weights_source=self.weights_source,
                 next=hops,
+                power_mode=modes.get(replica.device, ""),
             )
             if dep.train is not None:
                 request.train.CopyFrom(

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -207,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         "microbatches worked on at once over all streams; more are refused (RESOURCE_EXHAUSTED)",
         type=int,
         default=_env("MAX_INFLIGHT", DEFAULT_MAX_INFLIGHT_MICROBATCHES, int),
+    )
+    _add(
+        agent,
+        "--power-modes",
+        "POWER_MODES",
+        "catalogue class whose power modes this device has (nvpmodel modes, power limits, "
+        "cpufreq caps); applied by --power-mode-command, else by cpufreq caps where writable "
+        "(root). An emulating agent has its class's modes, applied by pacing",
+        default=_env("POWER_MODES", None),
+    )
+    _add(
+        agent,
+        "--power-mode-command",
+        "POWER_MODE_COMMAND",
+        "command that switches this device's power mode, run as CMD MODE (no shell; exit 0 = "
+        "switched), e.g. a wrapper around nvpmodel",
+        default=_env("POWER_MODE_COMMAND", ""),
     )
     _add(
         agent,
@@ -539,6 +557,8 @@ def _run_agent(args: argparse.Namespace) -> None:
         threads=args.threads,
         device=args.device,
         max_inflight_microbatches=args.max_inflight,
+        power_modes_class=args.power_modes,
+        power_mode_command=tuple(shlex.split(args.power_mode_command)),
     )
     asyncio.run(_serve(AgentServer(settings, credentials=credentials), args.ready_file))
 

@@ -97,3 +97,18 @@ def test_profile_advertises_the_switchs_modes_with_its_own_top_power(
     )
     assert real.power_modes[0] == PowerMode("top", 1.0, real.power_active_w)
     assert real.power_modes[1:] == MODES[1:]
+
+
+def test_a_device_serving_several_plans_runs_the_fastest_mode_they_ask_for() -> None:
+    modes = get_class("raspberry-pi-5").power_modes
+    switch = power.paced_switch(modes, ComputePacer(10.0))
+    top, low = (m.name for m in modes)
+    assert switch.fastest([]) == ""
+    assert switch.fastest([low, low]) == low
+    assert switch.fastest([low, ""]) == ""
+    assert switch.fastest([low, top]) == ""
+    # A name the device does not have is refused even next to the top mode.
+    with pytest.raises(FailedPrecondition, match="9GHz"):
+        switch.fastest(["", "9GHz"])
+    with pytest.raises(FailedPrecondition, match="none"):
+        power.no_switch().fastest(["1.5GHz"])

@@ -12,7 +12,7 @@ class GetProfileRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next", "train")
+    __slots__ = ("stage_id", "plan_epoch", "model", "seed", "first", "last", "weights_digest", "weights_source", "next", "train", "power_mode")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class LoadStageRequest(_message.Message):
     WEIGHTS_SOURCE_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
+    POWER_MODE_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     plan_epoch: int
     model: str
@@ -33,7 +34,8 @@ class LoadStageRequest(_message.Message):
     weights_source: str
     next: _containers.RepeatedCompositeFieldContainer[NextHop]
     train: TrainSpec
-    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ...) -> None: ...
+    power_mode: str
+    def __init__(self, stage_id: _Optional[str] = ..., plan_epoch: _Optional[int] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., first: _Optional[int] = ..., last: _Optional[int] = ..., weights_digest: _Optional[str] = ..., weights_source: _Optional[str] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., power_mode: _Optional[str] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
     __slots__ = ("job_id", "optimizer", "resume_tag", "rank", "group")
