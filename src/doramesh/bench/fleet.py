@@ -29,11 +29,11 @@ agent whose slowdown would come out below :data:`MIN_SLOWDOWN` (no headroom for 
 jitter) fails the scenario with a message naming ``--dilation`` instead of measuring it.
 
 **Power modes.** A plan may run a device in a lower power mode (``DeviceShare.mode``), priced
-at the mode's speed and active power. The bench paces that agent to the mode's speed for that
-plan (its slowdown divided by the mode's speed factor) and prices its busy time at the mode's
-active power (the agents do not switch modes on LoadStage yet). Without this,
-smart-home-assistant's plan, gpt2-medium on the laptop in its 60% mode (212.7 ms predicted),
-would run at the top mode's 127.6 ms and be charged the top mode's power.
+at the mode's speed and active power. The agent switches to it when the plan's stage loads
+(``LoadStageRequest.power_mode``; an emulating agent paces to the mode's speed, on top of the
+dilation's slowdown), and the bench prices its busy time at the mode's active power: e.g.
+smart-home-assistant's plan runs gpt2-medium on the laptop in its 60% mode (212.7 ms predicted,
+127.6 ms at the top mode).
 
 Not emulated: the scenario's per-hop latency (this kernel has no netem; a few ms against
 compute of tens to hundreds of ms) and the coordinator's own links (the coordinator's sends
@@ -238,33 +238,17 @@ def plan_modes(plan: Plan) -> dict[str, str]:
 
 
 def run_planner_on_testbed(
-    tb: Any,
-    scenario: Any,
-    planner: str,
-    plan: Plan,
-    k: float,
-    slowdowns: dict[str, float] | None = None,
+    tb: Any, scenario: Any, planner: str, plan: Plan, k: float
 ) -> tuple[Figures, dict[str, Any]]:
     """Deploy ``plan`` as given and measure it; figures in the scenario's (undilated) units.
 
-    A device the plan runs in a lower power mode is paced to that mode's speed (its dilated
-    ``slowdowns`` entry over the mode's speed factor) for this plan, and its energy is priced
-    at the mode's active power, as the planner priced it.
+    A device the plan runs in a lower power mode switches to it when its stage loads (the
+    emulating agent paces to the mode's speed, on top of the dilation's slowdown), and its
+    energy is priced at the mode's active power, as the planner priced it.
     """
-
     modes = plan_modes(plan)
     profiles = {d.node_id: d.in_mode(modes.get(d.node_id, "")) for d in scenario.devices}
-    if slowdowns is not None:
-        top = {d.node_id: d.gflops for d in scenario.devices}
-        for node_id in modes:
-            tb.slow(node_id, slowdowns[node_id] * top[node_id] / profiles[node_id].gflops)
-    try:
-        return _measure(tb, scenario, plan, k, profiles)
-    finally:
-        if slowdowns is not None:
-            for node_id in modes:
-                if modes[node_id]:
-                    tb.slow(node_id, slowdowns[node_id])
+    return _measure(tb, scenario, plan, k, profiles)
 
 
 def _measure(
@@ -404,7 +388,7 @@ def run_scenario(
                 continue
             plan = plans[name]
             sim = _static_figures(plan, scenario)
-            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k, slowdowns)
+            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k)
             pred = plan.predicted
             records.append(
                 {
