@@ -174,6 +174,8 @@ class Lan:
         self._next = 1
         self._shared_rate_mbps: float | None = None
         self._shared_queue_s = 0.1
+        #: Addresses whose incoming frames bypass the shared medium (its exempt hosts').
+        self._unshaped: list[str] = []
 
     # -- building --------------------------------------------------------------------------
     def create(self) -> None:
@@ -201,7 +203,7 @@ class Lan:
         host = Host(ns, port, address)
         self.hosts[name] = host
         if self._shared_rate_mbps is not None:
-            self._redirect_to_medium(port)
+            self._redirect_to_medium(port, self._unshaped)
         return host
 
     def splice(self, name: str) -> tuple[str, str]:
@@ -259,8 +261,10 @@ class Lan:
 
         Frames a host sends enter the bridge at its port's ingress, so redirecting every port's
         ingress to one ifb device puts all of the LAN's traffic through one token bucket, as on
-        a Wi-Fi channel. Its queue holds ``queue_s`` seconds at the rate (a testbed dilated
-        ``k`` times keeps the real medium's queue in bytes with ``k`` times the seconds).
+        a Wi-Fi channel. An ``exempt`` host's traffic bypasses the medium both ways: what it
+        sends and what is sent to it. Its queue holds ``queue_s`` seconds at the rate (a
+        testbed dilated ``k`` times keeps the real medium's queue in bytes with ``k`` times the
+        seconds).
         """
         br = self.bridge_ns
         run(br, "ip link add ifb0 type ifb")
@@ -268,9 +272,10 @@ class Lan:
         run(br, f"tc qdisc add dev ifb0 root {self._tbf(rate_mbps, queue_s)}")
         self._shared_rate_mbps = rate_mbps
         self._shared_queue_s = queue_s
+        self._unshaped = [self.hosts[name].address for name in exempt]
         for name, host in self.hosts.items():
             if name not in exempt:
-                self._redirect_to_medium(host.port)
+                self._redirect_to_medium(host.port, self._unshaped)
 
     def set_shared_rate(self, rate_mbps: float) -> None:
         if self._shared_rate_mbps is None:
@@ -281,12 +286,18 @@ class Lan:
         )
         self._shared_rate_mbps = rate_mbps
 
-    def _redirect_to_medium(self, port: str) -> None:
+    def _redirect_to_medium(self, port: str, unshaped: Sequence[str] = ()) -> None:
         br = self.bridge_ns
         run(br, f"tc qdisc add dev {port} handle ffff: ingress")
+        for address in unshaped:  # matched first: frames to these addresses pass as they are
+            run(
+                br,
+                f"tc filter add dev {port} parent ffff: protocol ip prio 1 u32 "
+                f"match ip dst {address}/32 action ok",
+            )
         run(
             br,
-            f"tc filter add dev {port} parent ffff: protocol all u32 match u32 0 0 "
+            f"tc filter add dev {port} parent ffff: protocol all prio 2 u32 match u32 0 0 "
             "action mirred egress redirect dev ifb0",
         )
 
