@@ -289,11 +289,14 @@ class Lan:
     def _redirect_to_medium(self, port: str, unshaped: Sequence[str] = ()) -> None:
         br = self.bridge_ns
         run(br, f"tc qdisc add dev {port} handle ffff: ingress")
-        for address in unshaped:  # matched first: frames to these addresses pass as they are
+        # Matched first, frames to these addresses pass as they are: a match with a flowid
+        # and no action ends classification (``action ok`` needs act_gact, which this kernel
+        # lacks).
+        for address in unshaped:
             run(
                 br,
                 f"tc filter add dev {port} parent ffff: protocol ip prio 1 u32 "
-                f"match ip dst {address}/32 action ok",
+                f"match ip dst {address}/32 flowid 1:1",
             )
         run(
             br,
