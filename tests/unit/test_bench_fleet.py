@@ -78,7 +78,7 @@ def test_dilate_refuses_an_agent_without_headroom(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr("doramesh.sdk.Client", Client)
     tb = _Testbed()
-    with pytest.raises(SystemExit, match="--dilation"):
+    with pytest.raises(RuntimeError, match="--dilation"):
         fleet.dilate(tb, scenario, 1.0)
     assert tb.slowed == {}
     slowdowns = fleet.dilate(tb, scenario, 4.0)
