@@ -14,12 +14,12 @@ out and once on their way in; the bytes on the wire are the same ``ActivationFra
 servicer with it.
 
 A frame carries up to ``FRAME_BYTES`` of a tensor, the header frame included, so a tensor of up
-to 4 MiB is one message and its answer another. grpc.aio pays per message as much as per byte on
-a fast link (a completion-queue event and an event-loop wake-up on each side for every write and
-every read, and a write is not started until the previous one completed), so fewer, larger
-messages are what brings the stream near bare gRPC's rate (``doramesh bench transport``); 4 MiB
-keeps what gRPC buffers per message small next to a device's memory. A paced flow's frames are
-cut to its burst instead.
+to 1 MiB is one message and its answer another (it was a header, a chunk and an answer): grpc.aio
+pays per message (a completion-queue event and an event-loop wake-up on each side for every write
+and every read, and a write starts only once the previous one completed). Frames of 4 MiB were
+measured too (``doramesh bench transport``, alternating runs) and cost no less CPU per byte than
+1 MiB ones, on the stream or on bare gRPC, while gRPC buffers a whole message per stream on each
+side; so a frame stays 1 MiB. A paced flow's frames are cut to its burst instead.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import grpc.aio
 import structlog
 import torch
 
-from doramesh.channels import MAX_MESSAGE_BYTES, create_channel
+from doramesh.channels import CHUNK_BYTES, MAX_MESSAGE_BYTES, create_channel
 from doramesh.errors import DoraMeshError, Unavailable, error_for
 from doramesh.tensors import (
     Frame,
@@ -53,7 +53,7 @@ _log = structlog.get_logger("streams")
 #: The largest tensor a stream accepts (the final result of a pipeline, e.g. LLM logits).
 MAX_TENSOR_BYTES = 1 << 30
 #: Most tensor bytes one frame of an activation stream carries (the module docstring says why).
-FRAME_BYTES = 4 << 20
+FRAME_BYTES = CHUNK_BYTES
 
 
 _AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name

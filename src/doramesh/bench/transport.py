@@ -1,26 +1,37 @@
 """``doramesh bench transport``: what the activation path costs compared with a bare socket.
 
-Activations travel peer to peer as ~1 MiB chunk frames over a bidirectional gRPC stream. This
-benchmark measures that path as agents run it: the sender is a ``PeerLink`` (its channel, frame
-codec and write path), the receiver is registered with ``add_agent_servicer`` on a server from
-``channels.create_server`` and assembles every microbatch with ``FrameAssembler``; it compares
-that with the best a hand-written transport could do on the same host: a raw TCP socket that
-sends the tensor's bytes with a length prefix and lands them in a preallocated buffer. Both run
-the same workload (one tensor per microbatch, a window of microbatches in flight, a tiny answer
-per tensor), so their ratio is the price of gRPC, HTTP/2 and the codec. A third transport
-separates the two: the same messages (sizes, one header, chunks, one answer per tensor) as
+Activations travel peer to peer as frames of up to 1 MiB over a bidirectional gRPC stream: a
+header carrying the tensor's first bytes, then chunks with the rest. This benchmark measures that
+path as agents run it: the sender is a ``PeerLink`` (its channel, frame codec and write path),
+the receiver is registered with ``add_agent_servicer`` on a server from ``channels.create_server``
+and assembles every microbatch with ``FrameAssembler``; it compares that with the best a
+hand-written transport could do on the same host: a raw TCP socket that sends the tensor's bytes
+with a length prefix and lands them in a preallocated buffer. Both run the same workload (one
+tensor per microbatch, a window of microbatches in flight, a tiny answer per tensor), so their
+ratio is the price of gRPC, HTTP/2 and the codec. A third transport separates the two: the same
+messages (sizes, the header frame with the first bytes, chunks, one answer per tensor) as
 prebuilt bytes on a bare gRPC stream, with no codec, no tensors and no copies in Python. It is
 what grpcio itself costs, the ceiling of any codec on top of it. It also measures the round trip
 of one small tensor, which bounds the per-hop latency of a pipeline, and, for each transport, the
 CPU both processes spend per GB: on a shared host the throughputs move with the neighbours' load,
 the CPU cost much less.
 
-What bounds the ratio: grpc.aio pays per message (a completion-queue event handed to the event
-loop for every write and every read; a 1 MiB tensor is three messages: header, chunk, answer) and
-per byte (cygrpc copies the serialised bytes into a slice on send and the received slices into
-bytes on receive), on top of the kernel's copies that raw TCP pays too. The bare column is exactly
-that. The activation stream adds one copy per side (``encode_frame``'s join; the assembler's copy
-into a tensor the receiver owns) and the codec's Python work per frame.
+What bounds the ratio (profiled with py-spy and perf on a 2-vCPU host, load average ~5): both
+gRPC processes are CPU-bound, so the throughput ratio follows the CPU cost per byte, ~0.4 s/GB
+for the socket, 1.0-1.4 for bare gRPC and 1.5-2.1 for the stream at 1 MiB and above. The bare
+column is grpcio's own price: on send, cygrpc copies the serialised bytes into a slice and, on
+this path, the kernel's copy of the TCP write runs on the Python thread (two thirds of the
+sender's busy samples are inside ``call.write``); on receive, cygrpc copies every received slice
+into a bytearray and that into bytes, under the interpreter lock, and every message costs an
+event-loop wake-up on each side. The stream adds one copy per side: ``encode_frame``'s join
+(about a tenth of the sender's samples) and the assembler's copy into a tensor the receiver owns
+(10-15% of the receiver's). Neither can go while grpcio takes and hands out only ``bytes`` and
+the runtime gets a tensor it may write. One message fewer per tensor (the header frame carries
+the first 1 MiB) and frames of 4 MiB instead of 1 MiB did not measurably lower the CPU per byte
+of either gRPC column, and two links (connections) to the peer did not raise the stream's rate
+(alternating runs; a second HTTP/2 stream on bare gRPC helped in one run and hurt in another).
+So the stream stays below 60% of the socket at 1 MiB on this host, and passes it at 4 and 16 MiB
+only in runs where the socket's rounds were slowed by the neighbours.
 
 The receiving side runs in a separate process, as a peer agent would: in one process the sender
 and receiver would share one interpreter lock and the figures would describe that, not the wire.
