@@ -85,6 +85,8 @@ async def test_a_mode_the_agent_does_not_have_fails_the_deploy(fleet: LocalFleet
     pi, orin = (a.settings.node_id for a in fleet.agents)
     async with AsyncClient(fleet.address, timeout=120) as client:
         devices = [a.profile for a in await client.fleet()]
+        top = split(devices, DeviceShare(NodeId(pi), 1.0), DeviceShare(NodeId(orin), 1.0))
+        await client.deploy(MODEL, plan=top)
         low = split(devices, DeviceShare(NodeId(pi), 1.0, "1.5GHz"), DeviceShare(NodeId(orin), 1.0))
         first, rest = low.stages
         bogus = replace(
