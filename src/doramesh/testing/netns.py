@@ -174,8 +174,8 @@ class Lan:
         self._next = 1
         self._shared_rate_mbps: float | None = None
         self._shared_queue_s = 0.1
-        #: Addresses whose incoming frames bypass the shared medium (its exempt hosts').
-        self._unshaped: list[str] = []
+        #: (address, bridge port) of the hosts whose traffic bypasses the shared medium.
+        self._unshaped: list[tuple[str, str]] = []
 
     # -- building --------------------------------------------------------------------------
     def create(self) -> None:
@@ -272,7 +272,7 @@ class Lan:
         run(br, f"tc qdisc add dev ifb0 root {self._tbf(rate_mbps, queue_s)}")
         self._shared_rate_mbps = rate_mbps
         self._shared_queue_s = queue_s
-        self._unshaped = [self.hosts[name].address for name in exempt]
+        self._unshaped = [(self.hosts[name].address, self.hosts[name].port) for name in exempt]
         for name, host in self.hosts.items():
             if name not in exempt:
                 self._redirect_to_medium(host.port, self._unshaped)
@@ -286,17 +286,17 @@ class Lan:
         )
         self._shared_rate_mbps = rate_mbps
 
-    def _redirect_to_medium(self, port: str, unshaped: Sequence[str] = ()) -> None:
+    def _redirect_to_medium(self, port: str, unshaped: Sequence[tuple[str, str]] = ()) -> None:
         br = self.bridge_ns
         run(br, f"tc qdisc add dev {port} handle ffff: ingress")
-        # Matched first, frames to these addresses pass as they are: a match with a flowid
-        # and no action ends classification (``action ok`` needs act_gact, which this kernel
-        # lacks).
-        for address in unshaped:
+        # Matched first, frames to an exempt host go straight out of its bridge port. (``action
+        # ok`` needs act_gact, which this kernel lacks, and a match with only a flowid is not
+        # terminal: the frames fell through to the medium.)
+        for address, to_port in unshaped:
             run(
                 br,
                 f"tc filter add dev {port} parent ffff: protocol ip prio 1 u32 "
-                f"match ip dst {address}/32 flowid 1:1",
+                f"match ip dst {address}/32 action mirred egress redirect dev {to_port}",
             )
         run(
             br,
