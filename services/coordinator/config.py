@@ -29,7 +29,7 @@ class CoordinatorSettings:
     #: The LAN as the planner sees it until links are probed: one shared medium.
     network_mbps: float = 1000.0
     network_latency_ms: float = 0.5
-    #: Stage weights kept in memory for agents to fetch (LRU by bytes).
+    #: Stage weight files kept on disk for agents to fetch (LRU by bytes).
     weight_cache_mb: int = 4096
     #: Default deadline for one inference request when the client gives none.
     infer_timeout_s: float = 120.0
