@@ -143,7 +143,14 @@ def schedule_jobs(
         return tuple(() for _ in jobs)
     plans = [p for _, p in entries]
     tables = [job.table for job, _ in entries]
-    workloads = [job.workload for job, _ in entries]
+    # An inference plan given by hand may carry another request size than the job's default
+    # workload: a request is one microbatch of the plan's size, so price it at that size.
+    workloads = [
+        job.workload
+        if job.workload.kind == "training" or p.microbatch in (None, job.workload.batch)
+        else replace(job.workload, batch=p.microbatch)
+        for job, p in entries
+    ]
     qoes = [job.qoe for job, _ in entries]
     lookup: dict[str, DeviceProfile] = {d.node_id: d for d in devices}
     costs = [

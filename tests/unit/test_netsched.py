@@ -270,3 +270,26 @@ def test_a_critical_plan_keeps_a_margin_of_its_wire_budget_when_there_is_room() 
     assert math.isclose(paced_bulk.flows[0].rate_mbps, 100 - need, rel_tol=1e-6)
     # The camera is priced that margin under its SLO.
     assert paced_camera.predicted.latency_ms < 300.0 - 0.2 * budget * 1e3
+
+
+def test_a_given_inference_plan_is_priced_at_its_own_request_size() -> None:
+    """A plan deployed as given may carry another microbatch than the job's default workload
+    (a request is one microbatch of the plan's size): the joint schedule prices it at that."""
+    devices = [device(n) for n in ("cam", "hub", "nas", "pc")]
+    network = Network("shared", 100, 0)
+    bulk_table = table(act_mb=4.0)
+    given = Workload("inference", 5, rate_rps=0.0)
+    bulk = pipeline(("nas", "pc"), devices, bulk_table, network, given)
+    assert bulk.microbatch == 5
+    default = Workload("inference", 1, rate_rps=0.0)
+    camera_table = table(act_mb=1.0)
+    camera_load = Workload("inference", 1, rate_rps=2.0)
+    camera = pipeline(("cam", "hub"), devices, camera_table, network, camera_load)
+    jobs = [
+        netsched.Job((camera,), camera_table, camera_load, QoESpec(latency_ms=300.0)),
+        netsched.Job((bulk,), bulk_table, default, QoESpec(objective="max_throughput")),
+    ]
+    (_,), (paced_bulk,) = netsched.schedule_jobs(jobs, devices, network)
+    with_size = [netsched.Job((bulk,), bulk_table, given, QoESpec(objective="max_throughput"))]
+    (_,), (same,) = netsched.schedule_jobs([jobs[0], *with_size], devices, network)
+    assert paced_bulk == same
