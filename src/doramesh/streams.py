@@ -310,6 +310,39 @@ def split_by_shares(batch: int, shares: list[float]) -> list[int]:
     return counts
 
 
+class _Rotation:
+    """Smooth weighted round robin over a stage's replicas, one sample at a time, kept across
+    microbatches: over many microbatches each replica gets its share of the samples, also when
+    a microbatch is smaller than the group (batch-1 requests alternate between two replicas
+    instead of all going to the first, as a fresh largest-remainder split per microbatch did).
+    """
+
+    #: Groups remembered at most (a deployment has a handful; re-plans make new ones).
+    MAX_GROUPS = 1024
+    _groups: dict[tuple[tuple[int, str], ...], list[float]] = {}
+
+    @classmethod
+    def counts(cls, replicas: Sequence[Replica], batch: int) -> list[int]:
+        weights = [max(0.0, r.share) for r in replicas]
+        total = sum(weights)
+        if batch <= 0 or total <= 0:
+            return [0] * len(replicas)
+        key = tuple((id(r.link), r.stage_id) for r in replicas)
+        current = cls._groups.get(key)
+        if current is None:
+            if len(cls._groups) >= cls.MAX_GROUPS:
+                cls._groups.clear()
+            current = cls._groups[key] = [0.0] * len(replicas)
+        counts = [0] * len(replicas)
+        for _ in range(batch):
+            for i, w in enumerate(weights):
+                current[i] += w
+            pick = max(range(len(weights)), key=current.__getitem__)
+            current[pick] -= total
+            counts[pick] += 1
+        return counts
+
+
 async def fan_out(
     replicas: list[Replica],
     tensor: torch.Tensor,
@@ -318,8 +351,9 @@ async def fan_out(
     request_id: str,
     timeout: float | None = None,
 ) -> StageResult:
-    """Send a microbatch to a stage's replicas, split along the batch by their shares, and
-    gather their results in order. One replica: no split, no copy."""
+    """Send a microbatch to a stage's replicas, split along the batch by their shares (kept
+    across microbatches, :class:`_Rotation`), and gather their results in order. One replica:
+    no split, no copy."""
     if len(replicas) == 1:
         r = replicas[0]
         return await r.link.send(
@@ -329,7 +363,7 @@ async def fan_out(
             request_id=request_id,
             timeout=timeout,
         )
-    counts = split_by_shares(tensor.shape[0], [r.share for r in replicas])
+    counts = _Rotation.counts(replicas, tensor.shape[0])
     parts = torch.split(tensor, counts)
     sends = [
         r.link.send(
