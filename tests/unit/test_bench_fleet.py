@@ -88,3 +88,48 @@ def test_dilate_refuses_an_agent_without_headroom(monkeypatch: pytest.MonkeyPatc
 def test_plan_modes_name_each_device_once() -> None:
     plan = _plan((0, 19, "laptop", "cap-60"), (20, 25, "phone-anna", ""))
     assert fleet.plan_modes(plan) == {"laptop": "cap-60", "phone-anna": ""}
+
+
+def _record(planner: str, **extra: Any) -> dict[str, Any]:
+    figures = {
+        "latency_ms_p50": 200.0,
+        "latency_ms_p95": 210.0,
+        "throughput_sps": 2.0,
+        "energy_j_per_sample": 4.0,
+    }
+    return {
+        "scenario": "s",
+        "planner": planner,
+        "objective": "min_energy",
+        "feasible": True,
+        "dilation": 20.0,
+        "measured": figures,
+        "predicted": {**figures, "latency_ms_p50": 190.0},
+        "simulated": figures,
+        "qoe_met": True,
+        **extra,
+    }
+
+
+def test_a_failed_baseline_is_reported_not_compared() -> None:
+    failed = {
+        "scenario": "s",
+        "planner": "throughput-optimal",
+        "feasible": True,
+        "failed": "DeadlineExceeded('slow')",
+        "dilation": 20.0,
+    }
+    records = [_record("doramesh"), failed]
+    table = fleet.render(records)
+    assert "failed: DeadlineExceeded('slow')" in table
+    (row,) = fleet.summarise(records)
+    assert row["throughput_optimal_failed"] == "DeadlineExceeded('slow')"
+    assert "ahead" not in row
+    assert row["latency_error"] == pytest.approx(10 / 190)
+
+
+def test_doramesh_ahead_compares_the_measured_objective() -> None:
+    theirs = _record("throughput-optimal")
+    theirs["measured"] = {**theirs["measured"], "energy_j_per_sample": 7.0}
+    (row,) = fleet.summarise([_record("doramesh"), theirs])
+    assert row["ahead"] is True and row["doramesh"] == 4.0 and row["throughput_optimal"] == 7.0

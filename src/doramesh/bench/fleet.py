@@ -54,7 +54,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,8 +341,17 @@ def measured_qoe_met(scenario: Any, f: Figures, violation_rate: float) -> bool:
 
 
 def run_scenario(
-    path: str, planners: Sequence[str], dilation: float | None
+    path: str,
+    planners: Sequence[str],
+    dilation: float | None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Run each planner's plan of the scenario on one testbed; one record per planner.
+
+    A planner whose run fails (a deadline, an agent with no headroom) is recorded with its
+    error and the next planner still runs; ``on_record`` sees each record as it is made, so a
+    long run that is cut short keeps what it measured.
+    """
     from doramesh.bench.planner import _static_figures
     from doramesh.errors import DoraMeshError
     from doramesh.planner import api
@@ -374,7 +383,13 @@ def run_scenario(
     share = host_share()
     load_average = [round(x, 2) for x in os.getloadavg()]
     k = dilation or choose_dilation(scenario, list(plans.values()), share)
-    records = []
+    records: list[dict[str, Any]] = []
+
+    def add(record: dict[str, Any]) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
     # A CPU-bound agent on this shared box can miss health checks for seconds; a plan deployed
     # as given must not be dropped and re-planned for that.
     with Testbed.from_scenario(
@@ -383,7 +398,7 @@ def run_scenario(
         slowdowns = dilate(tb, scenario, k)
         for name in planners:
             if name not in plans:
-                records.append(
+                add(
                     {
                         "scenario": scenario.name,
                         "planner": name,
@@ -394,9 +409,24 @@ def run_scenario(
                 continue
             plan = plans[name]
             sim = _static_figures(plan, scenario)
-            measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k)
-            pred = plan.predicted
-            records.append(
+            try:
+                measured, detail = run_planner_on_testbed(tb, scenario, name, plan, k)
+            except Exception as err:  # recorded: the next planner still runs
+                print(f"{scenario.name} / {name}: failed: {err!r}")
+                add(
+                    {
+                        "scenario": scenario.name,
+                        "planner": name,
+                        "feasible": True,
+                        "failed": repr(err),
+                        "dilation": k,
+                        "load_average": load_average,
+                        "predicted": _prediction_json(plan),
+                        "plan": _plan_json(plan),
+                    }
+                )
+                continue
+            add(
                 {
                     "scenario": scenario.name,
                     "planner": name,
@@ -407,12 +437,7 @@ def run_scenario(
                     "load_average": load_average,
                     "agent_slowdowns": slowdowns,
                     "measured": measured.to_json(),
-                    "predicted": {
-                        "latency_ms_p50": pred.latency_ms,
-                        "latency_ms_p95": None,
-                        "throughput_sps": pred.throughput_sps,
-                        "energy_j_per_sample": pred.energy_j_per_sample,
-                    },
+                    "predicted": _prediction_json(plan),
                     "simulated": {
                         "latency_ms_p50": sim["latency_ms"],
                         "latency_ms_p95": sim["latency_ms_p95"],
@@ -427,6 +452,16 @@ def run_scenario(
                 }
             )
     return records
+
+
+def _prediction_json(plan: Plan) -> dict[str, float | None]:
+    pred = plan.predicted
+    return {
+        "latency_ms_p50": pred.latency_ms,
+        "latency_ms_p95": None,
+        "throughput_sps": pred.throughput_sps,
+        "energy_j_per_sample": pred.energy_j_per_sample,
+    }
 
 
 def _plan_json(plan: Plan) -> dict[str, Any]:
@@ -465,6 +500,12 @@ def render(records: Sequence[dict[str, Any]]) -> str:
                 f"| {r['scenario']} | {r['planner']} | - | infeasible: {r.get('error')} | | | | |"
             )
             continue
+        if r.get("failed"):
+            rows.append(
+                f"| {r['scenario']} | {r['planner']} | {r['dilation']:g} | "
+                f"failed: {r['failed']} | | | | |"
+            )
+            continue
         m, p, s = r["measured"], r["predicted"], r["simulated"]
         rows.append(
             f"| {r['scenario']} | {r['planner']} | {r['dilation']:g} | "
@@ -494,7 +535,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         by.setdefault(r["scenario"], {})[r["planner"]] = r
     for name, runs in by.items():
         ours, theirs = runs.get("doramesh"), runs.get("throughput-optimal")
-        if ours is None or not ours.get("feasible"):
+        if ours is None or not ours.get("feasible") or ours.get("failed"):
             continue
         m, p = ours["measured"], ours["predicted"]
         row: dict[str, Any] = {
@@ -503,7 +544,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "throughput_error": _rel(m["throughput_sps"], p["throughput_sps"]),
             "qoe_met": ours["qoe_met"],
         }
-        if theirs is not None and theirs.get("feasible"):
+        if theirs is not None and theirs.get("failed"):
+            row["objective"] = ours["objective"]
+            row["throughput_optimal_failed"] = theirs["failed"]
+        elif theirs is not None and theirs.get("feasible"):
             key, lower = _OBJECTIVE_FIGURE[ours["objective"]]
             a, b = m[key], theirs["measured"][key]
             row["objective"] = ours["objective"]
@@ -538,26 +582,32 @@ def main(
             f"{result['activation_bytes_per_request']} B in {result['seconds']:.2f} s)"
         )
     records: list[dict[str, Any]] = []
+
+    def keep(record: dict[str, Any]) -> None:
+        records.append(record)
+        if json_out:  # after each planner, so a long run that is cut short keeps its records
+            Path(json_out).write_text(json.dumps(records, indent=2))
+
     for path in scenarios:
         try:
-            records += run_scenario(path, planners or ("doramesh", "throughput-optimal"), dilation)
+            run_scenario(path, planners or ("doramesh", "throughput-optimal"), dilation, keep)
         except Exception as err:  # recorded: the next scenario still runs (SIGTERM still ends all)
             print(f"{path}: failed: {err!r}")
-            records.append(
-                {"scenario": path, "planner": "-", "feasible": False, "error": repr(err)}
-            )
+            keep({"scenario": path, "planner": "-", "feasible": False, "error": repr(err)})
         print(render(records))
-        if json_out:  # after each scenario, so a long run that is cut short keeps its records
-            Path(json_out).write_text(json.dumps(records, indent=2))
     if records:
         out["records"] = records
         for row in summarise(records):
+            versus = (
+                f"throughput-optimal failed: {row['throughput_optimal_failed']}"
+                if "throughput_optimal_failed" in row
+                else f"{_num(row.get('throughput_optimal'))} (ahead: {row.get('ahead')})"
+            )
             print(
                 f"{row['scenario']}: doramesh measured vs predicted latency "
                 f"{_pct(row['latency_error'])}, throughput {_pct(row['throughput_error'])}; "
                 f"QoE met: {row['qoe_met']}; on {row.get('objective')}: doramesh "
-                f"{_num(row.get('doramesh'))} vs throughput-optimal "
-                f"{_num(row.get('throughput_optimal'))} (ahead: {row.get('ahead')})"
+                f"{_num(row.get('doramesh'))} vs throughput-optimal {versus}"
             )
     if json_out:
         Path(json_out).write_text(
