@@ -41,9 +41,18 @@ buckets it set are reported beside the measurement. The simulator is not run: it
 model's plans per scenario, not two models at once (nor can a scenario file hold two
 workloads, so the setting lives here rather than under ``scenarios/``).
 
-What the bench does not hide: the unpaced penalty is bounded by the bulk stream's in-flight
-window (gRPC's flow control keeps its queue in the ``tbf`` to a fraction of the queue's
-capacity), so it varies with the host's load from run to run; the paced figures do not.
+What the bench does not hide: unpaced, the camera's penalty varies from run to run (SLO
+attainment 0.2-1.0 over five runs on this box; the paced figures do not vary). Sampling the
+medium's ``tbf`` every 0.5 s in the unpaced phase showed a standing queue of 15-270 kB, never
+the 500 kB it holds, and no drops: the bulk job delivered 27-31 Mbit/s of activations, so the
+medium was not always saturated, and the camera's frames queued behind tens of ms of bulk data
+(its wire and queueing time p50 119-251 ms against 99 ms paced) instead of behind a full
+access-point buffer. A fixed 4 MiB HTTP/2 window (``grpc.http2.bdp_probe`` off) did not change
+that. Two bulk senders (the library on two boxes, data-parallel stage 0) would fill more of the
+queue, but the static schedule then leaves each of them 0.05 Mbit/s next to the camera (room for
+one 64 kB chunk of every other flow ahead of a frame does not fit the frame's wire budget), so
+the paced bulk job stalls: bulk next to a critical plan needs slots between the camera's frames,
+not a static rate.
 
 **Time dilation** as in ``doramesh.bench.fleet``: the medium runs at ``1/k`` of its rate, every
 agent ``k`` times slower than its device, frames at ``1/k`` of their rate, the SLO and the
