@@ -17,6 +17,7 @@ With none at all, servers and channels are plaintext and say so loudly: developm
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 import weakref
@@ -41,11 +42,20 @@ MAX_MESSAGE_BYTES = 64 << 20
 #: Default deadline for control-plane RPCs (profile, load stage, plan) in seconds.
 DEFAULT_RPC_TIMEOUT_S = 30.0
 
+#: How long a keepalive ping may wait for its answer before the connection is closed, seconds
+#: (``DORAMESH_KEEPALIVE_TIMEOUT_S`` overrides it). The answer queues behind the data already in
+#: the connection's TCP send buffer, so it must outlast draining that buffer on the slowest link
+#: the fleet runs: with 5 s, a hop carrying gpt2-medium's 6.4 MB of logits over a loaded
+#: 5 Mbit/s medium was closed as dead mid-transfer ("Connection reset by peer") while both ends
+#: were healthy. A dead peer is still found within keepalive time + this; the coordinator's own
+#: health checks are separate.
+KEEPALIVE_TIMEOUT_S = float(os.environ.get("DORAMESH_KEEPALIVE_TIMEOUT_S", "30"))
+
 _COMMON_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]

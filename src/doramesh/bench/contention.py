@@ -249,6 +249,7 @@ def run(setting: Setting) -> dict[str, Any]:
     """Bring the testbed up, deploy both plans, measure paced then unpaced, bring it down."""
     from doramesh import models
     from doramesh.agent.catalogue import get_class
+    from doramesh.channels import KEEPALIVE_TIMEOUT_S
     from doramesh.sdk import Client
     from doramesh.testing.testbed import HostSpec, Testbed
     from doramesh.types import QoESpec, Workload
@@ -266,6 +267,7 @@ def run(setting: Setting) -> dict[str, Any]:
         planner_network_latency_ms=MEDIUM_LATENCY_MS,
         shape_coordinator=False,
         dead_after_s=60.0,
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT_S * k,
     ) as tb:
         with Client(tb.coordinator_address, timeout=600) as client:
             profiles: dict[str, Any] = {a.profile.node_id: a.profile for a in client.fleet()}

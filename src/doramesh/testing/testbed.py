@@ -118,6 +118,9 @@ class Testbed:
     #: host's link, the coordinator's included (doramesh.testing.delay). None: no forwarders.
     latency_ms: float | None = None
     jitter_ms: float = 0.0
+    #: Keepalive timeout of every daemon (``DORAMESH_KEEPALIVE_TIMEOUT_S``); None: the default.
+    #: A dilated run slows every link, so ``from_scenario`` scales it with the dilation.
+    keepalive_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         self.fleet_id = self.fleet_id or self.prefix
@@ -138,7 +141,11 @@ class Testbed:
         custom = [d.node_id for d in scenario.devices if d.device_class not in CATALOGUE]
         if custom:
             raise ValueError(f"agents emulate catalogue classes; {custom} have none")
+        from doramesh.channels import KEEPALIVE_TIMEOUT_S
+
         net = scenario.network
+        if dilation > 1:
+            kwargs.setdefault("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S * dilation)
         return cls(
             [HostSpec(d.node_id, d.device_class) for d in scenario.devices],
             shared_mbps=net.bandwidth_mbps / dilation if net.kind == "shared" else None,
@@ -253,6 +260,8 @@ class Testbed:
         # credentials. Every daemon (and compose's health check) gets the same setting.
         env["DORAMESH_INSECURE"] = "1"
         env["DORAMESH_STATE_DIR"] = str(self.workdir / "state") if self.workdir else ""
+        if self.keepalive_timeout_s is not None:
+            env["DORAMESH_KEEPALIVE_TIMEOUT_S"] = f"{self.keepalive_timeout_s:g}"
         return env
 
     def _service_env(self, name: str, lan_address: str) -> dict[str, str]:
