@@ -124,7 +124,7 @@ def test_a_failed_baseline_is_reported_not_compared() -> None:
     assert "failed: DeadlineExceeded('slow')" in table
     (row,) = fleet.summarise(records)
     assert row["throughput_optimal_failed"] == "DeadlineExceeded('slow')"
-    assert "ahead" not in row
+    assert "ahead" not in row and row["doramesh"] == 4.0
     assert row["latency_error"] == pytest.approx(10 / 190)
 
 

@@ -544,14 +544,13 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "throughput_error": _rel(m["throughput_sps"], p["throughput_sps"]),
             "qoe_met": ours["qoe_met"],
         }
+        key, lower = _OBJECTIVE_FIGURE[ours["objective"]]
+        row["objective"], row["doramesh"] = ours["objective"], m[key]
         if theirs is not None and theirs.get("failed"):
-            row["objective"] = ours["objective"]
             row["throughput_optimal_failed"] = theirs["failed"]
         elif theirs is not None and theirs.get("feasible"):
-            key, lower = _OBJECTIVE_FIGURE[ours["objective"]]
             a, b = m[key], theirs["measured"][key]
-            row["objective"] = ours["objective"]
-            row["doramesh"], row["throughput_optimal"] = a, b
+            row["throughput_optimal"] = b
             row["ahead"] = a is not None and b is not None and (a < b if lower else a > b)
         out.append(row)
     return out
