@@ -2,8 +2,9 @@
 
 With the coordinator's token-bucket pacing the doorbell camera meets its SLO; with pacing
 switched off (``SetPacing``, the product's own switch) the bulk job's TCP queue on the shared
-``tbf`` can make it miss, but not reliably (see the test's docstring). A shorter run of ``doramesh bench fleet --contention`` (see
-``doramesh.bench.contention`` for the setting and why it is plausible).
+``tbf`` can make it miss, but not reliably (see the test's docstring). A shorter run of
+``doramesh bench fleet --contention`` (see ``doramesh.bench.contention`` for the setting and
+why it is plausible).
 """
 
 from __future__ import annotations
